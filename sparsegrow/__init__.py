@@ -1,0 +1,17 @@
+"""sparsegrow: train sparse neural networks from scratch.
+
+Every chosen layer is sparse from the first step to the last; the topology evolves by dropping
+weak connections and growing promising ones (SET, RigL, search-based growth, DST).
+"""
+from .distributions import DISTRIBUTIONS, layer_counts, layer_densities
+from .drop import DROP
+from .grow import GROW, GrowContext
+from .schedules import UpdateSchedule
+from .topology import MaskedParam, SparseParam
+from .updater import METHODS, STORAGES, Sparsifier, sparsify
+
+__all__ = [
+    "DISTRIBUTIONS", "DROP", "GROW", "METHODS", "STORAGES", "GrowContext", "MaskedParam",
+    "SparseParam", "Sparsifier", "UpdateSchedule", "layer_counts", "layer_densities", "sparsify",
+]
+__version__ = "0.1.0"

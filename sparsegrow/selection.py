@@ -1,0 +1,37 @@
+"""Top-k selection with ties broken by a seeded generator.
+
+Magnitude drop and gradient grow both pick the k largest scores. Plain `torch.topk` leaves ties
+to the kernel (and many scores tie: freshly grown weights are all zero, dead units give zero
+gradients), so the k-th value's ties are chosen here uniformly at random with the caller's
+generator: the same seed gives the same selection on any device.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def randperm(n: int, generator: torch.Generator, device) -> torch.Tensor:
+    # Random numbers always come from the (CPU) generator so CPU and CUDA runs agree.
+    return torch.randperm(n, generator=generator).to(device)
+
+
+def select_top(scores: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
+    """Positions of the k largest entries of the 1-D `scores`, sorted ascending.
+
+    Entries equal to the k-th largest value are sampled uniformly with `generator`.
+    Entries of -inf are never selected; asking for more than the finite count is an error.
+    """
+    n = scores.numel()
+    if k < 0:
+        raise ValueError(f"k must be >= 0, got {k}")
+    if k == 0:
+        return torch.empty(0, dtype=torch.long, device=scores.device)
+    finite = n if scores.dtype == torch.bool else int(torch.isfinite(scores).sum())
+    if k > finite:
+        raise ValueError(f"cannot select {k} entries: only {finite} are eligible")
+    kth = torch.topk(scores, k, sorted=False).values.min()
+    above = torch.nonzero(scores > kth).squeeze(1)
+    tied = torch.nonzero(scores == kth).squeeze(1)
+    need = k - above.numel()
+    pick = tied[randperm(tied.numel(), generator, tied.device)[:need]]
+    return torch.sort(torch.cat([above, pick])).values

@@ -1,0 +1,155 @@
+"""Which connections exist in each sparse parameter: the storage interface and its masked form.
+
+A sparse parameter is addressed by flat ("linear") indices into its dense shape, e.g. for a
+Linear weight of shape (N, M) the connection (j, i) is index j * M + i. The active set is a
+sorted 1-D LongTensor of such indices. Every storage implements the same four operations, so
+every drop/grow criterion, distribution and schedule works on any of them:
+
+    active()                      -> sorted flat indices of active connections, (nnz,)
+    values(idx)                   -> current weights at flat indices idx, (len(idx),)
+    update(drop, grow, init, opt) -> remove `drop`, add `grow` with initial values `init`,
+                                     and reset the optimizer state of both
+    enforce()                     -> after an optimizer step: inactive weights are exactly zero
+
+`MaskedParam` (this file) keeps a dense weight and a boolean mask; the mask is the single
+source of truth. Truly sparse storage (values + indices) lives in `sparsegrow.layers`.
+
+The helpers on sorted index sets at the bottom never build a dense tensor, so samplers and
+criteria written with them also serve layers too wide for a dense mask.
+"""
+from __future__ import annotations
+
+import math
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from . import optim_state
+
+
+class SparseParam(Protocol):
+    fqn: str  # fully qualified parameter name, e.g. "features.0.weight"
+    shape: torch.Size  # dense shape (out, in, *kernel)
+    numel: int
+    module: nn.Module
+
+    def active(self) -> torch.Tensor: ...
+    def nnz(self) -> int: ...
+    def values(self, idx: torch.Tensor) -> torch.Tensor: ...
+    def update(self, drop: torch.Tensor, grow: torch.Tensor, init: torch.Tensor,
+               optimizer: torch.optim.Optimizer | None) -> None: ...
+    def enforce(self) -> None: ...
+    def state_dict(self) -> dict: ...
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+class MaskedParam:
+    """A dense weight with a boolean mask of the same shape (the reference storage).
+
+    A gradient hook multiplies the weight gradient by the mask, so momentum, Adam moments and
+    (coupled or decoupled) weight decay never move an inactive weight away from exactly zero.
+    On update steps that need it (RigL), the hook first keeps the unmasked dense gradient.
+    """
+
+    def __init__(self, fqn: str, module: nn.Module, param_name: str, active: torch.Tensor):
+        self.fqn = fqn
+        self.module = module
+        self.param_name = param_name
+        param = self.param
+        self.shape = param.shape
+        self.numel = param.numel()
+        self.mask = torch.zeros(self.shape, dtype=torch.bool, device=param.device)
+        self.mask.view(-1)[active.to(param.device)] = True
+        self.capture_dense_grad = False
+        self.dense_grad: torch.Tensor | None = None
+        self._hook = param.register_hook(self._mask_grad)
+        self.enforce()
+
+    @property
+    def param(self) -> nn.Parameter:
+        return getattr(self.module, self.param_name)
+
+    def _mask_grad(self, grad: torch.Tensor) -> torch.Tensor:
+        if self.capture_dense_grad:
+            self.dense_grad = grad.detach().clone()
+        return grad * self.mask
+
+    def active(self) -> torch.Tensor:
+        return torch.nonzero(self.mask.view(-1)).squeeze(1)
+
+    def nnz(self) -> int:
+        return int(self.mask.sum())
+
+    def values(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.param.detach().view(-1)[idx]
+
+    @torch.no_grad()
+    def update(self, drop, grow, init, optimizer=None) -> None:
+        flat_w, flat_m = self.param.view(-1), self.mask.view(-1)
+        flat_m[drop] = False
+        flat_w[drop] = 0
+        flat_m[grow] = True
+        flat_w[grow] = init.to(flat_w.dtype)
+        if optimizer is not None:
+            optim_state.reset_positions(optimizer, self.param, torch.cat([drop, grow]))
+
+    @torch.no_grad()
+    def enforce(self) -> None:
+        self.param.mul_(self.mask)
+
+    def remove(self) -> None:
+        self._hook.remove()
+
+    def state_dict(self) -> dict:
+        return {"mask": self.mask.clone()}
+
+    def load_state_dict(self, state: dict) -> None:
+        mask = state["mask"].to(self.mask.device)
+        if mask.shape != self.mask.shape:
+            raise ValueError(f"{self.fqn}: mask shape {tuple(mask.shape)} != {tuple(self.shape)}")
+        self.mask.copy_(mask)
+        self.enforce()
+
+
+# ---------------------------------------------------------------------------------------------
+# Sorted index-set helpers (no dense tensors).
+
+
+def isin_sorted(x: torch.Tensor, sorted_set: torch.Tensor) -> torch.Tensor:
+    """Boolean (len(x),): which entries of x are in the sorted 1-D tensor `sorted_set`."""
+    if sorted_set.numel() == 0:
+        return torch.zeros_like(x, dtype=torch.bool)
+    pos = torch.searchsorted(sorted_set, x).clamp_(max=sorted_set.numel() - 1)
+    return sorted_set[pos] == x
+
+
+def sample_inactive(numel: int, excluded: torch.Tensor, k: int, generator: torch.Generator,
+                    device=None) -> torch.Tensor:
+    """k distinct flat indices in [0, numel) not in the sorted `excluded`, uniformly at random.
+
+    Returns them sorted. Small or nearly full layers take the complement directly; large ones use
+    rejection sampling (draw, deduplicate, drop excluded, repeat), which never allocates more than
+    O(k) memory. Choosing a random k-subset of the distinct accepted draws keeps it uniform.
+    """
+    device = device if device is not None else excluded.device
+    n_free = numel - excluded.numel()
+    if k > n_free:
+        raise ValueError(f"cannot grow {k} connections: only {n_free} of {numel} are inactive")
+    if k == 0:
+        return torch.empty(0, dtype=torch.long, device=device)
+    excluded_cpu = excluded.cpu()
+    if numel <= (1 << 22) or n_free < 0.05 * numel:
+        free = torch.ones(numel, dtype=torch.bool)
+        free[excluded_cpu] = False
+        cand = torch.nonzero(free).squeeze(1)
+    else:
+        cand = torch.empty(0, dtype=torch.long)
+        while cand.numel() < k:
+            need = k - cand.numel()
+            draw = math.ceil(need * numel / n_free * 1.2) + 64
+            new = torch.randint(0, numel, (draw,), generator=generator)
+            new = new[~isin_sorted(new, excluded_cpu)]
+            cand = torch.unique(torch.cat([cand, new]))
+    pick = cand[torch.randperm(cand.numel(), generator=generator)[:k]]
+    return torch.sort(pick).values.to(device)

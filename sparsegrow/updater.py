@@ -1,0 +1,306 @@
+"""The one place where schedule, drop and grow meet.
+
+    sparsifier = sparsegrow.Sparsifier(model, density=0.05, method="rigl",
+                                       schedule=UpdateSchedule(every=100, end=7500))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    sparsifier.attach(optimizer)
+    for x, y in data:
+        loss = F.cross_entropy(model(x), y)
+        optimizer.zero_grad(); loss.backward(); optimizer.step()
+        stats = sparsifier.step()          # a dict on update steps, else None
+
+At construction every chosen weight gets a random pattern at its layer's density (from the
+distribution), so training is sparse from step 0. Each update (RigL's generic form): per layer,
+n = round(f(t) * nnz); drop the n chosen by the drop criterion; grow n chosen by the grow criterion
+among connections that are not active after the drop. A connection that is dropped and grown in
+the same update ("regrown", only when `allow_regrow`, RigL's convention) keeps its weight and its
+optimizer state, as if never dropped; it is counted in the stats. With allow_regrow=False the
+just-dropped connections are excluded from growth (SET's convention).
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+
+from . import distributions
+from .drop import DROP
+from .grow import GROW, GrowContext
+from .metrics import density_report, itop_rate, union_sorted
+from .registry import Registry
+from .schedules import UpdateSchedule
+from .topology import MaskedParam, SparseParam, isin_sorted, sample_inactive
+
+
+@dataclass(frozen=True)
+class Method:
+    drop: str | None  # None: the topology never changes
+    grow: str | None
+    dense: bool = False  # density forced to 1
+
+
+METHODS: Registry[Method] = Registry("method")
+METHODS.add("dense", Method(None, None, dense=True), "dense training (density 1, same harness)")
+METHODS.add("static", Method(None, None), "static sparse: a random pattern that never changes")
+METHODS.add("set", Method("magnitude", "random"), "SET: magnitude drop, random grow (Mocanu 2018)")
+METHODS.add("rigl", Method("magnitude", "gradient"),
+            "RigL: magnitude drop, dense-gradient grow (Evci 2020)")
+
+STORAGES: Registry[Callable[..., SparseParam]] = Registry("storage")
+STORAGES.add(
+    "masked",
+    lambda model, fqn, module, param_name, active: MaskedParam(fqn, module, param_name, active),
+    "dense weight + boolean mask (any layer; the reference)",
+)
+
+GROW_INITS = ("zero", "random")
+
+
+def default_filter(module: nn.Module, name: str) -> bool:
+    return isinstance(module, (nn.Linear, nn.Conv2d)) and name == "weight"
+
+
+def select_params(model: nn.Module, include=None) -> list[tuple[str, nn.Module, str]]:
+    """(fqn, module, param_name) of every weight to sparsify, in model order.
+
+    include: None (every Linear and Conv2d weight), a list of fully qualified names
+    ("features.0.weight"), or a filter function (module, param_name) -> bool.
+    """
+    found = []
+    for mod_name, module in model.named_modules():
+        for p_name, _ in module.named_parameters(recurse=False):
+            fqn = f"{mod_name}.{p_name}" if mod_name else p_name
+            found.append((fqn, module, p_name))
+    if include is None or callable(include):
+        keep = include or default_filter
+        chosen = [t for t in found if keep(t[1], t[2])]
+    else:
+        names = list(include)
+        by_name = {t[0]: t for t in found}
+        unknown = [n for n in names if n not in by_name]
+        if unknown:
+            raise ValueError(f"unknown parameter(s) {unknown}; the model has: {list(by_name)}")
+        chosen = [by_name[n] for n in names]
+    if not chosen:
+        raise ValueError("no parameter was chosen to be sparse (include matched nothing)")
+    return chosen
+
+
+class Sparsifier:
+    def __init__(
+        self,
+        model: nn.Module,
+        density: float = 0.1,
+        *,
+        method: str = "set",
+        schedule: UpdateSchedule | None = None,
+        distribution: str = "erk",
+        drop: str | None = None,
+        grow: str | None = None,
+        grow_kwargs: dict | None = None,
+        include: Iterable[str] | Callable[[nn.Module, str], bool] | None = None,
+        dense_layers: Iterable[str] = (),
+        allow_regrow: bool = True,
+        grow_init: str = "zero",
+        sparse_init: bool = False,
+        storage: str = "masked",
+        seed: int = 0,
+        optimizer: torch.optim.Optimizer | None = None,
+    ):
+        spec = METHODS.get(method)
+        if spec.dense:
+            density = 1.0
+        if not isinstance(density, (int, float)) or not 0.0 < density <= 1.0:
+            raise ValueError(f"density must be in (0, 1], got {density!r}")
+        if grow_init not in GROW_INITS:
+            raise ValueError(f"unknown grow_init {grow_init!r}; allowed: {', '.join(GROW_INITS)}")
+        self.method = method
+        self.density = float(density)
+        drop = drop if drop is not None else spec.drop
+        grow = grow if grow is not None else spec.grow
+        self.dynamic = drop is not None and grow is not None
+        if (drop is None) != (grow is None):
+            raise ValueError(f"method {method!r} needs both drop and grow, got drop={drop!r}, grow={grow!r}")
+        if self.dynamic and schedule is None:
+            raise ValueError(f"method {method!r} updates the topology: pass schedule=UpdateSchedule(...)")
+        self.schedule = schedule if self.dynamic else None
+        self.drop = DROP.get(drop)() if self.dynamic else None
+        self.grow = GROW.get(grow)(**(grow_kwargs or {})) if self.dynamic else None
+        self.allow_regrow = allow_regrow
+        self.grow_init = grow_init
+        self.optimizer = optimizer
+        self.generator = torch.Generator().manual_seed(seed)
+
+        chosen = select_params(model, include)
+        dense_set = set(dense_layers)
+        unknown = dense_set - {c[0] for c in chosen}
+        if unknown:
+            raise ValueError(f"dense_layers {sorted(unknown)} are not among the sparse parameters")
+        shapes = [tuple(getattr(m, n).shape) for _, m, n in chosen]
+        counts = distributions.layer_counts(
+            shapes, self.density, distribution, dense_mask=[c[0] in dense_set for c in chosen]
+        )
+        make = STORAGES.get(storage)
+        self.params: list[SparseParam] = []
+        for (fqn, module, p_name), shape, count in zip(chosen, shapes, counts):
+            numel = math.prod(shape)
+            device = getattr(module, p_name).device
+            active = sample_inactive(numel, torch.empty(0, dtype=torch.long), count,
+                                     self.generator, device)
+            self.params.append(make(model, fqn, module, p_name, active))
+        if sparse_init:
+            self._scale_init_to_active_fan_in()
+        self.ever_active = {p.fqn: p.active() for p in self.params}
+        self.step_count = 0
+        self.update_time_s = 0.0
+        self.n_updates = 0
+        if self.dynamic and hasattr(self.grow, "attach"):
+            self.grow.attach(self.params)
+        self._arm(self._is_update(1))
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def attach(self, optimizer: torch.optim.Optimizer) -> "Sparsifier":
+        """The optimizer whose state is reset for dropped and grown connections."""
+        self.optimizer = optimizer
+        return self
+
+    def step(self) -> dict | None:
+        """Call once after each optimizer.step(). Returns the update's stats on update steps."""
+        self.step_count += 1
+        stats = self._update(self.step_count) if self._is_update(self.step_count) else None
+        for p in self.params:
+            p.enforce()
+        self._arm(self._is_update(self.step_count + 1))
+        return stats
+
+    def _is_update(self, step: int) -> bool:
+        return self.dynamic and self.schedule.is_update_step(step)
+
+    def _arm(self, on: bool) -> None:
+        if not self.dynamic:
+            return
+        if self.grow.needs_dense_grad:
+            for p in self.params:
+                if not hasattr(p, "capture_dense_grad"):
+                    raise ValueError(
+                        f"grow criterion needs the dense gradient, which {type(p).__name__} "
+                        f"({p.fqn}) never forms; use masked storage or grow='search'"
+                    )
+                p.capture_dense_grad = on
+                if not on:
+                    p.dense_grad = None
+        if hasattr(self.grow, "arm"):
+            self.grow.arm(on)
+
+    # -- the update --------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def _update(self, step: int) -> dict:
+        t0 = time.perf_counter()
+        fraction = self.schedule.fraction_at(step)
+        layers = {}
+        for p in self.params:
+            active = p.active()  # (nnz,) sorted
+            nnz = active.numel()
+            n = int(round(fraction * nnz))
+            if not self.allow_regrow:
+                n = min(n, p.numel - nnz)
+            if n == 0:
+                layers[p.fqn] = {"dropped": 0, "grown": 0, "regrown": 0, "nnz": nnz}
+                continue
+            drop_pos = self.drop.select(p.values(active), n, self.generator)
+            drop_idx = active[drop_pos]
+            kept = torch.ones(nnz, dtype=torch.bool, device=active.device)
+            kept[drop_pos] = False
+            excluded = active[kept] if self.allow_regrow else active
+            grow_idx = self.grow.select(GrowContext(p, excluded, step), n, self.generator)
+            regrown = isin_sorted(grow_idx, drop_idx)
+            net_grow = grow_idx[~regrown]
+            net_drop = drop_idx[~isin_sorted(drop_idx, grow_idx)]
+            p.update(net_drop, net_grow, self._initial_values(p, net_grow), self.optimizer)
+            self.ever_active[p.fqn] = union_sorted(self.ever_active[p.fqn], net_grow)
+            layers[p.fqn] = {"dropped": n, "grown": n, "regrown": int(regrown.sum()),
+                             "nnz": p.nnz()}
+        if self.params and self.params[0].active().is_cuda:
+            torch.cuda.synchronize()  # so time_s measures the work, not the launch
+        dt = time.perf_counter() - t0
+        self.update_time_s += dt
+        self.n_updates += 1
+        return {
+            "step": step, "fraction": fraction, "time_s": dt,
+            "dropped": sum(v["dropped"] for v in layers.values()),
+            "grown": sum(v["grown"] for v in layers.values()),
+            "regrown": sum(v["regrown"] for v in layers.values()),
+            "layers": layers,
+        }
+
+    def _initial_values(self, p: SparseParam, idx: torch.Tensor) -> torch.Tensor:
+        if self.grow_init == "zero":
+            return torch.zeros(idx.numel(), device=idx.device)
+        # "random": nn.Linear/Conv2d's default bound 1/sqrt(fan_in), drawn with the generator.
+        bound = 1.0 / math.sqrt(p.numel // p.shape[0])
+        u = torch.rand(idx.numel(), generator=self.generator)
+        return ((2 * u - 1) * bound).to(idx.device)
+
+    @torch.no_grad()
+    def _scale_init_to_active_fan_in(self) -> None:
+        """Sparse-aware init: scale each output unit's weights by sqrt(fan_in / active fan_in)."""
+        for p in self.params:
+            if not isinstance(p, MaskedParam):
+                raise ValueError("sparse_init scaling is implemented for masked storage only")
+            rows = p.mask.view(p.shape[0], -1)
+            fan_in = rows.shape[1]
+            scale = (fan_in / rows.sum(1).clamp(min=1).float()).sqrt()
+            p.param.view(p.shape[0], -1).mul_(scale[:, None].to(p.param.dtype))
+
+    # -- reporting and state -----------------------------------------------------------------
+
+    def report(self) -> dict:
+        numel = {p.fqn: p.numel for p in self.params}
+        rep = density_report({p.fqn: p.nnz() for p in self.params}, numel)
+        rep["itop"] = itop_rate(self.ever_active, numel)
+        rep["update_time_s"] = self.update_time_s
+        rep["n_updates"] = self.n_updates
+        return rep
+
+    def masks(self) -> dict[str, torch.Tensor]:
+        """Sorted active flat indices per parameter (storage-agnostic)."""
+        return {p.fqn: p.active() for p in self.params}
+
+    def state_dict(self) -> dict:
+        state = {
+            "step": self.step_count,
+            "generator": self.generator.get_state(),
+            "params": {p.fqn: p.state_dict() for p in self.params},
+            "ever_active": {k: v.clone() for k, v in self.ever_active.items()},
+            "update_time_s": self.update_time_s,
+            "n_updates": self.n_updates,
+        }
+        if self.dynamic and hasattr(self.grow, "state_dict"):
+            state["grow"] = self.grow.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        names = [p.fqn for p in self.params]
+        if sorted(state["params"]) != sorted(names):
+            raise ValueError(f"state is for parameters {sorted(state['params'])}, not {sorted(names)}")
+        for p in self.params:
+            p.load_state_dict(state["params"][p.fqn])
+        self.step_count = int(state["step"])
+        self.generator.set_state(state["generator"])
+        self.ever_active = {k: v.clone() for k, v in state["ever_active"].items()}
+        self.update_time_s = float(state["update_time_s"])
+        self.n_updates = int(state["n_updates"])
+        if "grow" in state and hasattr(self.grow, "load_state_dict"):
+            self.grow.load_state_dict(state["grow"])
+        self._arm(self._is_update(self.step_count + 1))
+
+
+def sparsify(model: nn.Module, density: float = 0.1, **kwargs) -> Sparsifier:
+    """Make `model`'s Linear and Conv2d weights sparse from now on; see `Sparsifier`."""
+    return Sparsifier(model, density, **kwargs)
