@@ -1,0 +1,75 @@
+"""From a Config to the objects of a run: data, model, sparsifier, optimizer, lr schedule."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from sparsegrow import Sparsifier, UpdateSchedule
+from sparsegrow.updater import METHODS
+
+from .config import Config, ConfigError
+
+
+def resolve_schedule(cfg: Config, steps_per_epoch: int, total_steps: int) -> UpdateSchedule:
+    s = cfg.sparsity
+    every = steps_per_epoch if s.update_every == "epoch" else int(s.update_every)
+    end = int(round(s.update_end * total_steps)) if s.update_end <= 1 else int(s.update_end)
+    try:
+        return UpdateSchedule(every=every, end=end, start=s.update_start, fraction=s.fraction,
+                              decay=s.decay)
+    except ValueError as e:
+        raise ConfigError(f"sparsity schedule (update_every={s.update_every!r}, update_end="
+                          f"{s.update_end}, {total_steps} training steps): {e}") from None
+
+
+def build_sparsifier(cfg: Config, model: nn.Module, steps_per_epoch: int):
+    s = cfg.sparsity
+    total_steps = steps_per_epoch * cfg.train.epochs
+    if s.method == "dst":
+        from sparsegrow.dst import build_dst
+
+        return build_dst(model, alpha=cfg.dst.alpha, threshold=cfg.dst.threshold,
+                         include=s.include, seed=cfg.seed)
+    spec = METHODS.get(s.method)
+    grow = s.grow or spec.grow
+    dynamic = (s.drop or spec.drop) is not None and grow is not None
+    grow_kwargs = None
+    if grow == "search":
+        grow_kwargs = {**vars(cfg.search), **vars(cfg.signal)}
+    return Sparsifier(
+        model, s.density, method=s.method,
+        schedule=resolve_schedule(cfg, steps_per_epoch, total_steps) if dynamic else None,
+        distribution=s.distribution, drop=s.drop, grow=s.grow, grow_kwargs=grow_kwargs,
+        include=s.include, dense_layers=s.dense_layers, allow_regrow=s.allow_regrow,
+        grow_init=s.grow_init, sparse_init=s.sparse_init, storage=s.storage, seed=cfg.seed,
+    )
+
+
+def build_optimizer(cfg: Config, model: nn.Module, sparsifier) -> torch.optim.Optimizer:
+    t = cfg.train
+    if hasattr(sparsifier, "param_groups"):  # e.g. DST keeps its thresholds out of weight decay
+        params = sparsifier.param_groups(model, t.weight_decay)
+    else:
+        params = [{"params": [p for p in model.parameters() if p.requires_grad],
+                   "weight_decay": t.weight_decay}]
+    if t.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, nesterov=t.nesterov)
+    if t.optimizer == "adam":
+        return torch.optim.Adam(params, lr=t.lr)
+    return torch.optim.AdamW(params, lr=t.lr)
+
+
+def lr_at(cfg: Config, step: int, total_steps: int, steps_per_epoch: int) -> float:
+    """The learning rate as a pure function of the step (0-based)."""
+    t = cfg.train
+    warmup = t.warmup_epochs * steps_per_epoch
+    if step < warmup:
+        return t.lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total_steps - warmup)
+    if t.lr_schedule == "cosine":
+        return t.lr * 0.5 * (1 + math.cos(math.pi * progress))
+    if t.lr_schedule == "step":  # x0.1 at 50% and 75% of training
+        return t.lr * (0.1 ** (int(progress >= 0.5) + int(progress >= 0.75)))
+    return t.lr

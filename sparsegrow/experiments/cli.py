@@ -1,0 +1,91 @@
+"""The `sparsegrow` command: train a config, turn runs into tables.
+
+    sparsegrow train CONFIG [key=value ...] [--run-dir DIR] [--resume] [--no-progress]
+    sparsegrow report RUNS... [--per-run] [--out FILE]
+    sparsegrow list
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def _cmd_train(args) -> int:
+    from .config import load_config
+    from .loop import train
+
+    cfg = load_config(args.config, args.overrides)
+    run_dir = Path(args.run_dir) if args.run_dir else Path(cfg.output.dir) / cfg.run_name()
+    summary = train(cfg, run_dir, resume=args.resume, progress=not args.no_progress)
+    print(f"{cfg.run_name()}: test accuracy {100 * summary['test_acc']:.2f}%  "
+          f"density {summary['density']:.4f}  train time {summary['train_time_s']:.1f}s  "
+          f"update time {summary['update_time_s']:.2f}s  -> {run_dir}")
+    return 0
+
+
+def _cmd_report(args) -> int:
+    from .report import grouped_table, runs_table
+    from .results import find_runs, load_run
+
+    runs = [load_run(d) for d in find_runs(args.runs)]
+    if not runs:
+        raise FileNotFoundError(f"no finished runs (summary.json) under {' '.join(args.runs)}")
+    text = runs_table(runs) if args.per_run else grouped_table(runs)
+    if args.out:
+        Path(args.out).write_text(text)
+    print(text, end="")
+    return 0
+
+
+def _cmd_list(args) -> int:
+    import sparsegrow
+    from .data import DATASETS
+    from .models import MODELS
+
+    for title, reg in [("methods", sparsegrow.METHODS), ("distributions", sparsegrow.DISTRIBUTIONS),
+                       ("drop criteria", sparsegrow.DROP), ("grow criteria", sparsegrow.GROW),
+                       ("storages", sparsegrow.STORAGES), ("models", MODELS), ("datasets", DATASETS)]:
+        print(f"{title}:")
+        for name, desc in reg.describe().items():
+            print(f"  {name:14s} {desc}")
+    return 0
+
+
+def make_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sparsegrow", description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="train one run from a YAML config")
+    t.add_argument("config", help="YAML config file")
+    t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. sparsity.density=0.05")
+    t.add_argument("--run-dir", help="default: <output.dir>/<run name>")
+    t.add_argument("--resume", action="store_true", help="continue an interrupted run (or skip a finished one)")
+    t.add_argument("--no-progress", action="store_true", help="no progress bars")
+    t.set_defaults(func=_cmd_train)
+    r = sub.add_parser("report", help="markdown table of finished runs")
+    r.add_argument("runs", nargs="+", help="run directories or folders holding runs")
+    r.add_argument("--per-run", action="store_true", help="one row per run instead of mean ± std over seeds")
+    r.add_argument("--out", help="also write the table to this file")
+    r.set_defaults(func=_cmd_report)
+    ls = sub.add_parser("list", help="registered methods, distributions, criteria, models, data sets")
+    ls.set_defaults(func=_cmd_list)
+    return p
+
+
+def main(argv=None) -> int:
+    args = make_parser().parse_args(argv)
+    from .config import ConfigError
+    from .data import DatasetMissingError
+
+    try:
+        return args.func(args)
+    except (ConfigError, DatasetMissingError, ValueError, FileNotFoundError) as e:
+        print(f"sparsegrow: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("sparsegrow: interrupted; continue with --resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,246 @@
+"""Experiment configuration: defaults, then a YAML file, then `key=value` overrides.
+
+Every key is a dataclass field below; unknown keys and wrong types are rejected with the dotted
+path, the bad value and what is allowed. A config maps one-to-one onto constructor arguments of
+the library (Sparsifier, UpdateSchedule, grow criteria) plus the training loop's settings.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "fashion_mnist"
+    root: str | None = None  # else $SPARSEGROW_DATA_ROOT, else the data set's default location
+    pad_to: int | None = None  # e.g. 32 for WideResNets on 28x28 images
+    train_subset: int | None = None  # a seeded subset of the training set
+    augment: bool = False  # random crop (4 px) + flip, for 32x32 images
+
+
+@dataclass
+class ModelConfig:
+    name: str = "lenet300100"
+    kwargs: dict = field(default_factory=dict)
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 128
+    optimizer: str = "sgd"  # sgd | adam | adamw
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 5e-4
+    lr_schedule: str = "cosine"  # constant | cosine | step
+    warmup_epochs: int = 0
+    label_smoothing: float = 0.0
+    threads: int | None = None  # torch.set_num_threads; None leaves torch's default
+    device: str = "cpu"  # cpu | cuda | cuda:N
+
+
+@dataclass
+class SparsityConfig:
+    method: str = "rigl"  # dense | static | set | rigl | search | dst
+    density: float = 0.1  # fraction of connections kept, over all sparse layers
+    distribution: str = "erk"  # uniform | erdos_renyi | erk
+    storage: str = "masked"  # masked | sparse (truly sparse Linear layers)
+    update_every: Union[int, str] = 100  # ΔT in optimizer steps, or "epoch"
+    update_start: int = 0
+    update_end: float = 0.75  # T_end: a fraction (<= 1) of all steps, or a step count (> 1)
+    fraction: float = 0.3  # alpha: update fraction at the first update
+    decay: str = "cosine"  # constant | cosine | linear
+    allow_regrow: bool = True
+    grow_init: str = "zero"  # zero | random
+    sparse_init: bool = False  # scale init by the active fan-in
+    include: list | None = None  # fully qualified weight names; None = every Linear/Conv2d
+    dense_layers: list = field(default_factory=list)
+    drop: str | None = None  # override the method's drop criterion
+    grow: str | None = None  # override the method's grow criterion
+
+
+@dataclass
+class SearchConfig:
+    backend: str = "exact"
+    metric: str = "abs_ip"
+    k_similar: float = 0.15
+    bits: float = 1.0
+
+
+@dataclass
+class SignalConfig:
+    sketch_dim: int = 0  # 0: no sketch, use the update step's batch
+    accumulate: bool = False  # sum the signal over the ΔT steps since the last update
+
+
+@dataclass
+class DSTConfig:
+    alpha: float = 5e-6
+    threshold: str = "vector"  # vector | scalar | weight
+
+
+@dataclass
+class OutputConfig:
+    dir: str = "runs"
+    checkpoint_every: int = 1  # epochs
+
+
+@dataclass
+class Config:
+    name: str | None = None  # run name; default built from dataset, model, method, density, seed
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sparsity: SparsityConfig = field(default_factory=SparsityConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
+    signal: SignalConfig = field(default_factory=SignalConfig)
+    dst: DSTConfig = field(default_factory=DSTConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+    def run_name(self) -> str:
+        if self.name:
+            return self.name
+        s = self.sparsity
+        return f"{self.data.dataset}-{self.model.name}-{s.method}-d{s.density:g}-s{self.seed}"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _check(value: Any, tp, path: str) -> Any:
+    """Return `value` coerced to the annotated type `tp`, or raise ConfigError."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        errors = []
+        for arg in typing.get_args(tp):
+            if arg is type(None):
+                if value is None:
+                    return None
+                continue
+            try:
+                return _check(value, arg, path)
+            except ConfigError as e:
+                errors.append(e)
+        raise ConfigError(f"{path}: got {value!r}, expected {_type_name(tp)}")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: got {value!r}, expected a mapping of {tp.__name__} keys")
+        return _build(tp, value, path)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif tp is dict or origin is dict:
+        if isinstance(value, dict):
+            return value
+    elif tp is list or origin is list:
+        if isinstance(value, (list, tuple)):
+            return list(value)
+    raise ConfigError(f"{path}: got {value!r} ({type(value).__name__}), expected {_type_name(tp)}")
+
+
+def _build(cls, data: dict, prefix: str = ""):
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in data if k not in names]
+    if unknown:
+        where = prefix or "config"
+        raise ConfigError(f"unknown key(s) {', '.join(repr(prefix + '.' + k if prefix else k) for k in unknown)} "
+                          f"in {where}; allowed: {', '.join(names)}")
+    kwargs = {k: _check(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def _merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for k, v in update.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and k != "kwargs":
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not of the form key=value (e.g. sparsity.density=0.05)")
+    key, raw = text.split("=", 1)
+    value = yaml.safe_load(raw) if raw != "" else None
+    return key.strip().split("."), value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Defaults, then the YAML file at `path`, then dotted `key=value` overrides."""
+    data: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} not found")
+        loaded = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {str(p)!r} must hold a mapping, got {type(loaded).__name__}")
+        data = loaded
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = data
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {text!r}: {k!r} is not a section")
+        node[keys[-1]] = value
+    return from_dict(data)
+
+
+def from_dict(data: dict) -> Config:
+    merged = _merge(Config().to_dict(), data)
+    cfg = _build(Config, merged)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Checks of values (types are checked while building)."""
+    t, s = cfg.train, cfg.sparsity
+    if t.epochs < 1:
+        raise ConfigError(f"train.epochs must be >= 1, got {t.epochs}")
+    if t.batch_size < 1:
+        raise ConfigError(f"train.batch_size must be >= 1, got {t.batch_size}")
+    if t.optimizer not in ("sgd", "adam", "adamw"):
+        raise ConfigError(f"train.optimizer must be one of sgd, adam, adamw, got {t.optimizer!r}")
+    if t.lr_schedule not in ("constant", "cosine", "step"):
+        raise ConfigError(f"train.lr_schedule must be one of constant, cosine, step, got {t.lr_schedule!r}")
+    if not 0.0 < s.density <= 1.0:
+        raise ConfigError(f"sparsity.density must be in (0, 1], got {s.density}")
+    if isinstance(s.update_every, str) and s.update_every != "epoch":
+        raise ConfigError(f"sparsity.update_every must be a step count >= 1 or 'epoch', got {s.update_every!r}")
+    if s.update_end <= 0:
+        raise ConfigError(f"sparsity.update_end must be a fraction in (0, 1] or a step count > 1, got {s.update_end}")
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

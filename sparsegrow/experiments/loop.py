@@ -1,0 +1,188 @@
+"""The training recipe: one run from a Config into a run directory, resumable.
+
+    run_dir/config.yaml     the resolved config
+    run_dir/metrics.jsonl   {"kind": "epoch", ...} per epoch, {"kind": "update", ...} per update
+    run_dir/checkpoint.pt   model, optimizer, sparsifier, RNG states, log length (every epoch)
+    run_dir/summary.json    the final numbers, written last
+
+Determinism: the data order and augmentation of epoch e come from a generator seeded with
+(seed, e), the sparsifier carries its own generator, and the global torch RNG (dropout) is saved
+in the checkpoint, so a resumed run reproduces an uninterrupted one on the same machine.
+"""
+from __future__ import annotations
+
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .build import build_optimizer, build_sparsifier, lr_at
+from .config import Config, ConfigError, dump_config
+from .data import load_dataset, steps_per_epoch
+from .models import build_model
+from .results import MetricsLog, atomic_torch_save, atomic_write_json, atomic_write_text
+
+
+class Timer:
+    """Accumulates wall time per phase; synchronises CUDA so the phases are honest."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.totals: dict[str, float] = {}
+        self._t = time.perf_counter()
+
+    def lap(self, phase: str) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        self.totals[phase] = self.totals.get(phase, 0.0) + now - self._t
+        self._t = now
+
+    def reset(self) -> None:
+        self._t = time.perf_counter()
+
+
+@torch.no_grad()
+def evaluate(model, data, batch_size: int, device) -> tuple[float, float]:
+    model.eval()
+    loss_sum, correct, n = 0.0, 0, 0
+    for xb, yb in data.test_batches(max(batch_size, 1000)):
+        xb, yb = xb.to(device), yb.to(device)
+        out = model(xb)
+        loss_sum += F.cross_entropy(out, yb, reduction="sum").item()
+        correct += (out.argmax(1) == yb).sum().item()
+        n += len(yb)
+    model.train()
+    return loss_sum / n, correct / n
+
+
+def train(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool = True) -> dict:
+    """Train one run; returns the summary dict (also written to run_dir/summary.json)."""
+    run_dir = Path(run_dir)
+    ckpt_path = run_dir / "checkpoint.pt"
+    resolved = dump_config(cfg)
+    has_config = (run_dir / "config.yaml").exists()
+    if resume and has_config and (run_dir / "config.yaml").read_text() != resolved:
+        raise ConfigError(f"run directory {str(run_dir)!r} holds a run of a different config; "
+                          "choose another run directory (or delete it)")
+    if (run_dir / "summary.json").exists():
+        if resume:
+            return json.loads((run_dir / "summary.json").read_text())
+        raise ConfigError(f"run directory {str(run_dir)!r} already holds a finished run; "
+                          "pass --resume to keep it or choose another run directory")
+    if ckpt_path.exists() and not resume:
+        raise ConfigError(f"run directory {str(run_dir)!r} already holds a checkpoint; "
+                          "pass --resume to continue it or choose another run directory")
+
+    t = cfg.train
+    if t.threads:
+        torch.set_num_threads(t.threads)
+    device = torch.device(t.device)
+    torch.manual_seed(cfg.seed)
+    data = load_dataset(cfg.data.dataset, root=cfg.data.root, pad_to=cfg.data.pad_to,
+                        train_subset=cfg.data.train_subset, seed=cfg.seed)
+    spe = steps_per_epoch(len(data.train_y), t.batch_size)
+    total_steps = spe * t.epochs
+    model = build_model(cfg.model.name, data.input_shape, data.num_classes, **cfg.model.kwargs)
+    model.to(device)
+    sparsifier = build_sparsifier(cfg, model, spe)
+    optimizer = build_optimizer(cfg, model, sparsifier)
+    sparsifier.attach(optimizer)
+    extra_loss = getattr(sparsifier, "loss", None)  # DST's sparsity regulariser
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / "config.yaml", resolved)
+    start_epoch, step, train_time, phase_totals, log_len = 0, 0, 0.0, {}, 0
+    if resume and ckpt_path.exists():
+        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
+        model.load_state_dict(ckpt["model"])
+        sparsifier.load_state_dict(ckpt["sparsifier"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        torch.set_rng_state(ckpt["torch_rng"])
+        start_epoch, step = ckpt["epoch"], ckpt["step"]
+        train_time, phase_totals, log_len = ckpt["train_time_s"], ckpt["phases"], ckpt["log_len"]
+    log = MetricsLog(run_dir / "metrics.jsonl", truncate_to=log_len)
+
+    test_loss = test_acc = float("nan")
+    try:
+        for epoch in range(start_epoch, t.epochs):
+            gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
+            timer = Timer(device)
+            timer.totals = dict(phase_totals)
+            epoch_t0 = time.perf_counter()
+            loss_sum, correct, seen = 0.0, 0, 0
+            bar = tqdm(data.train_batches(t.batch_size, gen, augment=cfg.data.augment), total=spe,
+                       desc=f"epoch {epoch + 1}/{t.epochs}", disable=not progress, leave=False,
+                       dynamic_ncols=True)
+            for xb, yb in bar:
+                for group in optimizer.param_groups:
+                    group["lr"] = lr_at(cfg, step, total_steps, spe)
+                xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
+                timer.reset()
+                out = model(xb)
+                loss = F.cross_entropy(out, yb, label_smoothing=t.label_smoothing)
+                total_loss = loss + extra_loss() if extra_loss is not None else loss
+                timer.lap("forward")
+                optimizer.zero_grad(set_to_none=True)
+                total_loss.backward()
+                timer.lap("backward")
+                optimizer.step()
+                timer.lap("optimizer")
+                stats = sparsifier.step()
+                timer.lap("update")
+                step += 1
+                if stats is not None:
+                    log.write({"kind": "update", "epoch": epoch, **stats})
+                loss_sum += loss.item() * len(yb)
+                correct += (out.argmax(1) == yb).sum().item()
+                seen += len(yb)
+                if progress and step % 10 == 0:
+                    rep = sparsifier.report()
+                    bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}",
+                                    density=f"{rep['global_density']:.4f}")
+            bar.close()
+            train_time += time.perf_counter() - epoch_t0
+            phase_totals = timer.totals
+            test_loss, test_acc = evaluate(model, data, t.batch_size, device)
+            rep = sparsifier.report()
+            record = {
+                "kind": "epoch", "epoch": epoch + 1, "step": step, "lr": lr_at(cfg, step - 1, total_steps, spe),
+                "train_loss": loss_sum / seen, "train_acc": correct / seen,
+                "test_loss": test_loss, "test_acc": test_acc,
+                "global_density": rep["global_density"], "layer_density": rep["layers"],
+                "itop": rep["itop"], "train_time_s": train_time,
+                "update_time_s": rep["update_time_s"], "phases_s": phase_totals,
+            }
+            log.write(record)
+            if progress:
+                tqdm.write(f"epoch {epoch + 1}/{t.epochs}  train loss {record['train_loss']:.4f}  "
+                           f"acc {record['train_acc']:.4f}  test acc {test_acc:.4f}  "
+                           f"density {rep['global_density']:.4f}  itop {rep['itop']:.4f}")
+            if (epoch + 1) % cfg.output.checkpoint_every == 0 or epoch + 1 == t.epochs:
+                log_len = log.commit()
+                atomic_torch_save({
+                    "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "sparsifier": sparsifier.state_dict(), "torch_rng": torch.get_rng_state(),
+                    "epoch": epoch + 1, "step": step, "train_time_s": train_time,
+                    "phases": phase_totals, "log_len": log_len,
+                }, ckpt_path)
+    finally:
+        log.close()
+
+    rep = sparsifier.report()
+    summary = {
+        "name": cfg.run_name(), "seed": cfg.seed, "dataset": cfg.data.dataset,
+        "model": cfg.model.name, "method": cfg.sparsity.method,
+        "target_density": cfg.sparsity.density, "density": rep["global_density"],
+        "layer_density": rep["layers"], "itop": rep["itop"], "epochs": t.epochs, "steps": step,
+        "test_acc": test_acc, "test_loss": test_loss, "train_time_s": train_time,
+        "update_time_s": rep["update_time_s"], "n_updates": rep["n_updates"],
+        "phases_s": phase_totals, "machine": f"{platform.node()} {platform.machine()} "
+        f"threads={torch.get_num_threads()} torch={torch.__version__}", "device": str(device),
+    }
+    atomic_write_json(run_dir / "summary.json", summary)
+    return summary

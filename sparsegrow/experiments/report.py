@@ -1,0 +1,70 @@
+"""Turn run directories into markdown tables.
+
+`runs_table` gives one row per run; `grouped_table` merges runs that differ only in their seed
+into one row with mean ± std (sample std, n-1) and the seed count.
+"""
+from __future__ import annotations
+
+import statistics
+from collections import OrderedDict
+
+COLUMNS = ["model", "method", "density", "distribution", "ΔT", "α", "epochs", "wall time (s)",
+           "update time (s)", "test acc (%)"]
+
+
+def _row_key(run: dict) -> dict:
+    c, s = run["config"], run["summary"]
+    sp = c["sparsity"]
+    dynamic = sp["method"] not in ("dense", "static", "dst")
+    return OrderedDict([
+        ("model", c["model"]["name"]),
+        ("method", sp["method"] + (f"/{sp['grow']}" if sp.get("grow") else "")
+         + (f"[{c['search']['backend']},{c['search']['metric']}]" if sp["method"] == "search" else "")),
+        ("density", f"{s['density']:.4g}"),
+        ("distribution", sp["distribution"] if sp["method"] != "dense" else "-"),
+        ("ΔT", str(sp["update_every"]) if dynamic else "-"),
+        ("α", f"{sp['fraction']:g}" if dynamic else "-"),
+        ("epochs", str(c["train"]["epochs"])),
+    ])
+
+
+def _fmt(values: list[float], scale: float = 1.0, digits: int = 2) -> str:
+    values = [v * scale for v in values]
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
+def _markdown(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def runs_table(runs: list[dict]) -> str:
+    rows = []
+    for run in runs:
+        s = run["summary"]
+        rows.append(list(_row_key(run).values()) + [
+            f"{s['train_time_s']:.1f}", f"{s['update_time_s']:.2f}", f"{100 * s['test_acc']:.2f}"])
+    return _markdown(["run"] + COLUMNS, [[run["summary"]["name"]] + r for r, run in zip(rows, runs)])
+
+
+def group_runs(runs: list[dict]) -> "OrderedDict[tuple, list[dict]]":
+    groups: OrderedDict[tuple, list[dict]] = OrderedDict()
+    for run in runs:
+        groups.setdefault(tuple(_row_key(run).items()), []).append(run)
+    return groups
+
+
+def grouped_table(runs: list[dict]) -> str:
+    rows = []
+    for key, members in group_runs(runs).items():
+        summ = [m["summary"] for m in members]
+        rows.append([v for _, v in key] + [
+            _fmt([s["train_time_s"] for s in summ], digits=1),
+            _fmt([s["update_time_s"] for s in summ]),
+            _fmt([s["test_acc"] for s in summ], scale=100),
+            str(len(members)),
+        ])
+    return _markdown(COLUMNS + ["seeds"], rows)
