@@ -1,0 +1,384 @@
+"""A truly sparse Linear layer: values (nnz,) + CSR indices, no (out, in) tensor at any stage.
+
+    layer = SparseLinear(in_features, out_features, active)    # active: sorted flat indices
+    sparsifier = sparsegrow.sparsify(model, density=0.001, method="set", storage="sparse", ...)
+
+The weight W (N=out, M=in) is stored as
+    values  (nnz,)   nn.Parameter, row-major order: the same order as the sorted flat indices
+                     j * M + i, so position k of `values` is the k-th active connection
+    crow    (N+1,)   int64 CSR row pointer;   col (nnz,) int64 column of each value
+    ccol, row_t, perm  the transposed (CSC) view backward needs: ccol (M+1,), row_t (nnz,) and
+                     perm (nnz,) with values[perm] in column-major order (rebuilt on updates,
+                     not saved in checkpoints)
+
+Forward Y = X W^T and dX = dY W are sparse x dense products (SpMM), the weight gradient is
+needed at the nnz only, dW[k] = sum_b dY[b, row_k] X[b, col_k] (SDDMM); see kernels.py. The
+output is returned as the transpose of a contiguous (N, B) tensor, so the next sparse layer's
+X^T is free; it is a valid strided (B, N) tensor (use .reshape, not .view, on it).
+
+Topology: `SparseLinearParam` is the `SparseParam` view the Sparsifier drives (active, values,
+update, enforce, state_dict); registered as STORAGES["sparse"]. On update, values and every
+per-nnz optimizer state tensor (SGD momentum, Adam moments) are re-indexed together: kept
+connections keep their value and state, dropped ones vanish, grown ones start at `init` with
+zero state. The Parameter object stays the same, so `optimizer.state[param]` stays keyed.
+
+Export: `to_masked(model)` turns every SparseLinear into nn.Linear + MaskedParam (the reference
+storage), `to_sparse(model, params)` turns them back; the round trip is exact.
+
+Reference: "no need for dense operations in any stage of training" (Mocanu et al. 2018, SET);
+truly sparse implementations: Curci, Mocanu & Pechenizkiy 2021, arXiv:2102.01732.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .. import optim_state
+from ..topology import MaskedParam, isin_sorted
+from ..updater import STORAGES
+from . import kernels
+
+
+class _SparseLinearFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, values, crow, col, ccol, row_t, perm):
+        # x (B, M) -> (B, N); the weight is CSR (crow, col, values), N = len(crow) - 1.
+        xt = x.t().contiguous()  # (M, B); free when x is itself a transposed view
+        yt = kernels.spmm(crow, col, values, xt, crow.numel() - 1)  # (N, B)
+        ctx.save_for_backward(xt, values, crow, col, ccol, row_t, perm)
+        return yt.t()
+
+    @staticmethod
+    def backward(ctx, dy):
+        xt, values, crow, col, ccol, row_t, perm = ctx.saved_tensors
+        dyt = dy.t().contiguous()  # (N, B)
+        dx = dv = None
+        if ctx.needs_input_grad[0]:
+            # dX^T (M, B) = W^T dY^T, with W^T in CSR = (ccol, row_t, values[perm])
+            dx = kernels.spmm(ccol, row_t, values[perm], dyt, ccol.numel() - 1).t()
+        if ctx.needs_input_grad[1]:
+            dv = kernels.sddmm(crow, col, dyt, xt)  # (nnz,)
+        return dx, dv, None, None, None, None, None
+
+
+def _check_active(active: torch.Tensor, numel: int, what: str = "active") -> None:
+    if active.dim() != 1 or active.dtype != torch.long:
+        raise ValueError(f"{what} must be a 1-D int64 tensor of flat indices, "
+                         f"got {active.dtype} of shape {tuple(active.shape)}")
+    if active.numel():
+        if int(active[0]) < 0 or int(active[-1]) >= numel:
+            raise ValueError(f"{what} has indices outside [0, {numel})")
+        if active.numel() > 1 and not bool((active[1:] > active[:-1]).all()):
+            raise ValueError(f"{what} must be sorted and free of duplicates")
+
+
+class SparseLinear(nn.Module):
+    """y = x W^T + b with W (out_features, in_features) stored as CSR values + indices.
+
+    active: sorted flat indices j * in_features + i of the connections, (nnz,).
+    values: their initial weights (nnz,); default nn.Linear's U(-1/sqrt(in), 1/sqrt(in)).
+    min_per_row: every output unit must keep at least this many inputs (checked at construction
+        and after every topology update; 0 allows empty rows).
+    """
+
+    def __init__(self, in_features: int, out_features: int, active: torch.Tensor,
+                 values: torch.Tensor | None = None, bias: bool | torch.Tensor = True, *,
+                 min_per_row: int = 0, generator: torch.Generator | None = None,
+                 device=None, dtype=None):
+        super().__init__()
+        self.in_features, self.out_features = int(in_features), int(out_features)
+        self.min_per_row = int(min_per_row)
+        device = torch.device(device) if device is not None else active.device
+        dtype = dtype or (values.dtype if values is not None else torch.get_default_dtype())
+        active = active.to(device)
+        _check_active(active, self.in_features * self.out_features)
+        bound = 1.0 / math.sqrt(self.in_features)
+        if values is None:
+            u = torch.rand(active.numel(), generator=generator, dtype=dtype)
+            values = ((2 * u - 1) * bound).to(device)
+        elif values.shape != active.shape:
+            raise ValueError(f"values {tuple(values.shape)} must match active {tuple(active.shape)}")
+        self.values = nn.Parameter(values.detach().to(device=device, dtype=dtype).clone())
+        if isinstance(bias, torch.Tensor):
+            if bias.shape != (self.out_features,):
+                raise ValueError(f"bias must have shape ({self.out_features},), got {tuple(bias.shape)}")
+            self.bias = nn.Parameter(bias.detach().to(device=device, dtype=dtype).clone())
+        elif bias:
+            u = torch.rand(self.out_features, generator=generator, dtype=dtype)
+            self.bias = nn.Parameter(((2 * u - 1) * bound).to(device))
+        else:
+            self.register_parameter("bias", None)
+        self.register_buffer("crow", torch.empty(0, dtype=torch.long, device=device))
+        self.register_buffer("col", torch.empty(0, dtype=torch.long, device=device))
+        for name in ("ccol", "row_t", "perm"):  # derived; rebuilt, never saved
+            self.register_buffer(name, torch.empty(0, dtype=torch.long, device=device),
+                                 persistent=False)
+        self._set_topology(active)
+
+    # -- construction / conversion -----------------------------------------------------------
+
+    @classmethod
+    def from_dense(cls, linear: nn.Linear, active: torch.Tensor, **kwargs) -> "SparseLinear":
+        """The weights of `linear` at `active` (a meta-device Linear gets the default init)."""
+        w = linear.weight
+        bias = linear.bias
+        if w.device.type == "meta":
+            return cls(linear.in_features, linear.out_features, active.cpu(), None,
+                       bias is not None, dtype=w.dtype, device="cpu", **kwargs)
+        active = active.to(w.device)
+        return cls(linear.in_features, linear.out_features, active,
+                   w.detach().reshape(-1)[active], bias.detach() if bias is not None else False,
+                   **kwargs)
+
+    def to_dense_linear(self) -> nn.Linear:
+        """An nn.Linear holding W densely (zeros off the active set): only where it fits."""
+        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                        device=self.values.device, dtype=self.values.dtype)
+        with torch.no_grad():
+            lin.weight.zero_()
+            lin.weight.view(-1)[self.active()] = self.values.detach()
+            if self.bias is not None:
+                lin.bias.copy_(self.bias)
+        return lin
+
+    # -- topology ----------------------------------------------------------------------------
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((self.out_features, self.in_features))
+
+    def nnz(self) -> int:
+        return self.values.numel()
+
+    def density(self) -> float:
+        return self.nnz() / (self.out_features * self.in_features)
+
+    def rows(self) -> torch.Tensor:
+        """Row (output unit) of every nnz, (nnz,)."""
+        return kernels.rows_of(self.crow)
+
+    def active(self) -> torch.Tensor:
+        """Sorted flat indices row * in_features + col, (nnz,)."""
+        return self.rows() * self.in_features + self.col
+
+    def _set_topology(self, active: torch.Tensor) -> None:
+        n, m = self.out_features, self.in_features
+        rows = torch.div(active, m, rounding_mode="floor")
+        per_row = torch.bincount(rows, minlength=n)
+        if self.min_per_row > 0:
+            short = per_row < self.min_per_row
+            if bool(short.any()):
+                j = int(torch.nonzero(short)[0])
+                raise ValueError(
+                    f"{int(short.sum())} of {n} output units would keep fewer than min_per_row="
+                    f"{self.min_per_row} inputs (unit {j} keeps {int(per_row[j])}); raise the "
+                    "density or lower min_per_row")
+        self.crow = torch.cat([per_row.new_zeros(1), torch.cumsum(per_row, 0)])
+        self.col = active - rows * m
+        # Column-major order of the same nnz: a stable sort by column keeps rows ascending.
+        self.perm = torch.sort(self.col, stable=True).indices
+        self.row_t = rows[self.perm]
+        per_col = torch.bincount(self.col, minlength=m)
+        self.ccol = torch.cat([per_col.new_zeros(1), torch.cumsum(per_col, 0)])
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # The topology in the checkpoint may differ in nnz: resize before the default copy,
+        # keeping the Parameter object (optimizer.state is keyed by it).
+        for name in ("crow", "col"):
+            if prefix + name in state_dict:
+                setattr(self, name, torch.empty_like(state_dict[prefix + name], device=self.crow.device))
+        if prefix + "values" in state_dict:
+            src = state_dict[prefix + "values"]
+            if src.shape != self.values.shape:
+                self.values.data = self.values.data.new_empty(src.shape)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if self.crow.numel() != self.out_features + 1 or self.col.numel() != self.values.numel():
+            raise ValueError(f"{prefix}: checkpoint CSR does not fit a {self.out_features}x"
+                             f"{self.in_features} layer with {self.values.numel()} values")
+        self._set_topology(self.active())
+
+    # -- forward -----------------------------------------------------------------------------
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 0 or x.shape[-1] != self.in_features:
+            raise ValueError(f"SparseLinear expects (..., {self.in_features}) input, got {tuple(x.shape)}")
+        if x.dtype != self.values.dtype or x.device != self.values.device:
+            raise ValueError(f"SparseLinear holds {self.values.dtype} weights on "
+                             f"{self.values.device}, got input {x.dtype} on {x.device}; "
+                             "move the layer or the input (layer.to(...))")
+        lead = x.shape[:-1]
+        y = _SparseLinearFn.apply(x.reshape(-1, self.in_features), self.values, self.crow,
+                                  self.col, self.ccol, self.row_t, self.perm)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*lead, self.out_features)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"nnz={self.nnz()}, density={self.density():.3g}, bias={self.bias is not None}")
+
+
+class SparseLinearParam:
+    """The `SparseParam` view of a SparseLinear's weight, driven by the Sparsifier.
+
+    There is no dense gradient (no `capture_dense_grad`), so the Sparsifier refuses grow
+    criteria that need one (RigL's gradient grow); use random or search grow.
+    """
+
+    def __init__(self, fqn: str, module: SparseLinear):
+        self.fqn = fqn
+        self.module = module
+        self.shape = module.shape
+        self.numel = module.out_features * module.in_features
+
+    @property
+    def param(self) -> nn.Parameter:
+        return self.module.values
+
+    def active(self) -> torch.Tensor:
+        return self.module.active()
+
+    def nnz(self) -> int:
+        return self.module.nnz()
+
+    def values(self, idx: torch.Tensor) -> torch.Tensor:
+        active = self.active()
+        pos = torch.searchsorted(active, idx)
+        if idx.numel() and not bool(isin_sorted(idx, active).all()):
+            raise ValueError(f"{self.fqn}: values() asked for inactive connections")
+        return self.module.values.detach()[pos]
+
+    @torch.no_grad()
+    def update(self, drop: torch.Tensor, grow: torch.Tensor, init: torch.Tensor,
+               optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Remove `drop`, add `grow` (sorted flat indices) with values `init`; re-index state."""
+        layer, param = self.module, self.module.values
+        active = self.active()
+        dev = active.device
+        drop, grow, init = drop.to(dev), grow.to(dev), init.to(dev)
+        _check_active(grow, self.numel, f"{self.fqn}: grow")
+        if init.shape != grow.shape:
+            raise ValueError(f"{self.fqn}: init {tuple(init.shape)} must match grow {tuple(grow.shape)}")
+        dropped = isin_sorted(active, torch.sort(drop).values)
+        if int(dropped.sum()) != torch.unique(drop).numel():
+            raise ValueError(f"{self.fqn}: drop contains connections that are not active")
+        keep_src = torch.nonzero(~dropped).squeeze(1)
+        kept = active[keep_src]
+        if bool(isin_sorted(grow, kept).any()):
+            raise ValueError(f"{self.fqn}: grow contains connections that are already active")
+        # Merge two disjoint sorted sets without sorting: an element's new position is its
+        # own rank plus the number of elements of the other set below it.
+        n_new = kept.numel() + grow.numel()
+        keep_dst = torch.arange(kept.numel(), device=dev) + torch.searchsorted(grow, kept)
+        grow_dst = torch.arange(grow.numel(), device=dev) + torch.searchsorted(kept, grow)
+        new_active = torch.empty(n_new, dtype=torch.long, device=dev)
+        new_active[keep_dst] = kept
+        new_active[grow_dst] = grow
+        new_values = param.new_zeros(n_new)
+        new_values[keep_dst] = param[keep_src]
+        new_values[grow_dst] = init.to(param.dtype)
+        layer._set_topology(new_active)  # raises (changing nothing) if a row would get too short
+        if optimizer is not None:
+            optim_state.reindex(optimizer, param, keep_src, keep_dst, n_new)
+        if param.grad is not None:
+            grad = param.grad.new_zeros(n_new)
+            grad[keep_dst] = param.grad[keep_src]
+            param.grad = None
+            param.data = new_values
+            param.grad = grad
+        else:
+            param.data = new_values
+
+    def enforce(self) -> None:
+        """Nothing to do: inactive weights are not stored, so they are exactly zero."""
+
+    def state_dict(self) -> dict:
+        return {"active": self.active()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Set the topology to state["active"]: shared connections keep their values and new
+        ones start at zero. A no-op after model.load_state_dict of the same checkpoint."""
+        target = state["active"].to(self.module.crow.device)
+        _check_active(target, self.numel, f"{self.fqn}: checkpoint active set")
+        active = self.active()
+        if torch.equal(target, active):
+            return
+        drop = active[~isin_sorted(active, target)]
+        grow = target[~isin_sorted(target, active)]
+        self.update(drop, grow, torch.zeros(grow.numel(), device=grow.device), None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Storage factory (STORAGES["sparse"]) and conversion between storages.
+
+
+def _replace_module(model: nn.Module, module_name: str, new: nn.Module) -> None:
+    if not module_name:
+        raise ValueError("sparse storage replaces the Linear inside its parent; the model itself "
+                         "cannot be a bare nn.Linear (wrap it in nn.Sequential)")
+    parent_name, _, child = module_name.rpartition(".")
+    setattr(model.get_submodule(parent_name), child, new)
+
+
+def make_sparse(model: nn.Module, fqn: str, module: nn.Module, param_name: str,
+                active: torch.Tensor, min_per_row: int = 0) -> SparseLinearParam:
+    """Replace the nn.Linear owning `fqn` inside `model` by a SparseLinear with `active`."""
+    if not isinstance(module, nn.Linear) or param_name != "weight":
+        raise ValueError(f"sparse storage handles nn.Linear weights only, not "
+                         f"{type(module).__name__}.{param_name} ({fqn}); use storage='masked' or "
+                         "leave it out with include=...")
+    if active.device.type == "meta":
+        raise ValueError(f"{fqn}: the active set was sampled on the meta device; sample it on "
+                         "the CPU (the Sparsifier must not pass device='meta' to sample_inactive)")
+    layer = SparseLinear.from_dense(module, active, min_per_row=min_per_row)
+    _replace_module(model, fqn.rpartition(".")[0], layer)
+    return SparseLinearParam(fqn, layer)
+
+
+def sparse_storage(min_per_row: int = 0):
+    """A storage factory like STORAGES["sparse"] that also enforces `min_per_row`."""
+    def factory(model, fqn, module, param_name, active):
+        return make_sparse(model, fqn, module, param_name, active, min_per_row)
+    return factory
+
+
+STORAGES.add("sparse", make_sparse,
+             "truly sparse CSR values + indices, no dense tensor (nn.Linear only)")
+
+
+def sparse_layers(model: nn.Module) -> dict[str, SparseLinear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, SparseLinear)}
+
+
+def to_masked(model: nn.Module) -> dict[str, MaskedParam]:
+    """Replace every SparseLinear in `model` by nn.Linear + MaskedParam, in place.
+
+    Returns {fqn: MaskedParam}. The dense weights hold the same values (zeros elsewhere), so
+    outputs agree up to float summation order. Only for layers whose dense form fits in memory.
+    """
+    out = {}
+    for name, layer in sparse_layers(model).items():
+        active = layer.active()
+        lin = layer.to_dense_linear()
+        _replace_module(model, name, lin)
+        out[f"{name}.weight"] = MaskedParam(f"{name}.weight", lin, "weight", active)
+    return out
+
+
+def to_sparse(model: nn.Module, params: dict, min_per_row: int = 0) -> dict[str, SparseLinearParam]:
+    """Replace the nn.Linear layers named in `params` by SparseLinear, in place.
+
+    params: {fqn: MaskedParam} (from `to_masked` or a masked Sparsifier's `params`) or
+    {fqn: sorted flat active indices} (e.g. `Sparsifier.masks()`). Returns {fqn: SparseLinearParam}.
+    """
+    out = {}
+    for fqn, p in params.items():
+        module_name, _, param_name = fqn.rpartition(".")
+        module = model.get_submodule(module_name)
+        active = p.active() if hasattr(p, "active") else p
+        if isinstance(p, MaskedParam):
+            p.remove()  # the mask's gradient hook belongs to the dense weight we drop
+        out[fqn] = make_sparse(model, fqn, module, param_name, active, min_per_row)
+    return out
