@@ -68,19 +68,21 @@ def select_params(model: nn.Module, include=None) -> list[tuple[str, nn.Module, 
     """(fqn, module, param_name) of every weight to sparsify, in model order.
 
     include: None (every Linear and Conv2d weight), a list of fully qualified names
-    ("features.0.weight"), or a filter function (module, param_name) -> bool.
+    ("features.0.weight"), or a filter function (module, param_name) -> bool, asked only about
+    parameters of two or more dimensions.
     """
     found = []
     for mod_name, module in model.named_modules():
-        for p_name, _ in module.named_parameters(recurse=False):
+        for p_name, p in module.named_parameters(recurse=False):
             fqn = f"{mod_name}.{p_name}" if mod_name else p_name
-            found.append((fqn, module, p_name))
+            found.append((fqn, module, p_name, p.dim()))
     if include is None or callable(include):
+        # A filter only sees weights of 2+ dims: biases and norm scales (1-D) always stay dense.
         keep = include or default_filter
-        chosen = [t for t in found if keep(t[1], t[2])]
+        chosen = [t[:3] for t in found if t[3] >= 2 and keep(t[1], t[2])]
     else:
         names = list(include)
-        by_name = {t[0]: t for t in found}
+        by_name = {t[0]: t[:3] for t in found}
         unknown = [n for n in names if n not in by_name]
         if unknown:
             raise ValueError(f"unknown parameter(s) {unknown}; the model has: {list(by_name)}")

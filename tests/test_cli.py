@@ -1,0 +1,118 @@
+"""The CLI end to end: every shipped config runs a few steps; resume equals an uninterrupted run."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from sparsegrow.experiments import loop
+from sparsegrow.experiments.cli import main
+from sparsegrow.experiments.config import ConfigError, load_config
+from sparsegrow.experiments.data import FASHION_MNIST_DIR
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "configs").rglob("*.yaml"))
+needs_fmnist = pytest.mark.skipif(not (FASHION_MNIST_DIR / "t10k-labels-idx1-ubyte.gz").exists(),
+                                  reason="Fashion-MNIST Debian package not installed")
+SMALL = ["train.epochs=1", "data.train_subset=256", "train.batch_size=64",
+         "sparsity.update_every=2", "train.threads=2"]
+
+
+@needs_fmnist
+@pytest.mark.parametrize("config", CONFIGS)
+def test_every_shipped_config_runs_a_few_steps(config, tmp_path, capsys):
+    text = (ROOT / config).read_text()
+    assert text.startswith(f"# sparsegrow "), "a config starts with the command that runs it"
+    cfg = load_config(ROOT / config)
+    extra = list(SMALL)
+    if cfg.model.name in ("wrn", "resnet"):
+        extra += ["model.kwargs={depth: 10, width: 1}" if cfg.model.name == "wrn" else "model.kwargs={depth: 8, width: 4}"]
+    rc = main(["train", str(ROOT / config), *extra, "--run-dir", str(tmp_path / "r"), "--no-progress"])
+    assert rc == 0, capsys.readouterr().err
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert 0.0 <= summary["test_acc"] <= 1.0
+    assert summary["density"] == pytest.approx(cfg.sparsity.density if cfg.sparsity.method not in ("dense", "dst") else summary["density"], abs=1e-3)
+
+
+@needs_fmnist
+@pytest.mark.parametrize("method", ["rigl", "set"])
+def test_resume_after_crash_gives_same_masks_and_accuracy(method, tmp_path, monkeypatch):
+    args = ["model.name=mlp", "model.kwargs={hidden: [64]}", "train.epochs=3", "data.train_subset=600",
+            "train.batch_size=50", "sparsity.update_every=5", f"sparsity.method={method}",
+            "sparsity.density=0.1", "train.threads=1"]
+    cfg = load_config(None, args)
+    full = loop.train(cfg, tmp_path / "full", progress=False)
+
+    real_evaluate = loop.evaluate
+    calls = {"n": 0}
+
+    def crash_in_epoch_2(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt  # interrupted after epoch 2's training, before its checkpoint
+        return real_evaluate(*a, **k)
+
+    monkeypatch.setattr(loop, "evaluate", crash_in_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        loop.train(cfg, tmp_path / "crash", progress=False)
+    monkeypatch.setattr(loop, "evaluate", real_evaluate)
+    assert not (tmp_path / "crash" / "summary.json").exists()
+    with pytest.raises(ConfigError, match="--resume"):
+        loop.train(cfg, tmp_path / "crash", progress=False)
+    resumed = loop.train(cfg, tmp_path / "crash", resume=True, progress=False)
+
+    assert resumed["test_acc"] == full["test_acc"]
+    assert resumed["itop"] == full["itop"]
+    a = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=False)
+    b = torch.load(tmp_path / "crash" / "checkpoint.pt", weights_only=False)
+    for k, v in a["sparsifier"]["params"].items():
+        assert torch.equal(v["mask"], b["sparsifier"]["params"][k]["mask"])
+    for k, v in a["model"].items():
+        assert torch.equal(v, b["model"][k]), k
+
+    def untimed(path):  # the log without wall-clock fields, which differ between any two runs
+        recs = [json.loads(l) for l in path.read_text().splitlines()]
+        return [{k: v for k, v in r.items() if not k.endswith("time_s") and k != "phases_s"}
+                for r in recs]
+
+    resumed_log, full_log = untimed(tmp_path / "crash" / "metrics.jsonl"), untimed(tmp_path / "full" / "metrics.jsonl")
+    assert resumed_log == full_log  # lines written after the last checkpoint were dropped
+    assert sum(r["kind"] == "epoch" for r in resumed_log) == 3
+
+
+@pytest.mark.parametrize("override,match", [
+    ("sparsity.density=1.5", r"sparsity.density must be in \(0, 1\], got 1.5"),
+    ("sparsity.method=magic", "unknown method 'magic'; allowed"),
+    ("sparsity.distribution=flat", "unknown distribution 'flat'"),
+    ("sparsity.densty=0.1", "unknown key"),
+    ("train.epochs=ten", "train.epochs: got 'ten'"),
+    ("sparsity.update_every=5000", "schedule never fires"),
+    ("data.dataset=imagenet", "unknown dataset 'imagenet'"),
+])
+def test_cli_bad_input_is_one_clear_line(override, match, tmp_path, capsys):
+    rc = main(["train", str(ROOT / "configs/fmnist_lenet.yaml"), "train.epochs=1", override,
+               "--run-dir", str(tmp_path / "r"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert len(err.strip().splitlines()) == 1
+    import re
+    assert re.search(match, err), err
+
+
+def test_missing_dataset_package_is_a_clear_error(tmp_path, capsys):
+    rc = main(["train", str(ROOT / "configs/fmnist_lenet.yaml"), f"data.root={tmp_path}",
+               "--run-dir", str(tmp_path / "r"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "apt-get install -y dataset-fashion-mnist" in err
+
+
+@needs_fmnist
+def test_report_renders_grouped_table(tmp_path, capsys):
+    for seed in (0, 1):
+        assert main(["train", str(ROOT / "configs/fmnist_lenet.yaml"), *SMALL, f"seed={seed}",
+                     "--run-dir", str(tmp_path / f"s{seed}"), "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["report", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "| lenet300100 | rigl | 0.02 | erk | 2 | 0.3 | 1 |" in out
+    assert out.strip().splitlines()[-1].endswith("| 2 |")  # two seeds in one row

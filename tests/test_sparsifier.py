@@ -1,0 +1,360 @@
+"""Invariants of the topology engine, over every registered method x distribution x layer type."""
+import copy
+import itertools
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings, strategies as st
+from torch import nn
+
+import sparsegrow as sg
+from sparsegrow.selection import select_top
+from sparsegrow.topology import sample_inactive
+
+try:  # the search method registers itself on import (optional module of the package)
+    import sparsegrow.search_grow  # noqa: F401
+except ImportError:
+    pass
+
+METHODS = [m for m in sg.METHODS.names()]
+DISTRIBUTIONS = sg.DISTRIBUTIONS.names()
+
+
+class ConvNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 16, 3, padding=1)
+        self.fc = nn.Linear(16 * 4 * 4, 10)
+
+    def forward(self, x):  # x: (B, 1, 8, 8)
+        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
+        x = F.relu(self.conv2(x))
+        return self.fc(x.flatten(1))
+
+
+def mlp():
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 32), nn.ReLU(),
+                         nn.Linear(32, 10))
+
+
+MODELS = {"linear": mlp, "conv": ConvNet}
+
+
+def make(method, distribution="erk", kind="linear", density=0.3, seed=0, every=3, end=40,
+         fraction=0.3, **kw):
+    torch.manual_seed(seed)
+    model = MODELS[kind]()
+    sched = sg.UpdateSchedule(every=every, end=end, fraction=fraction, decay="cosine")
+    sp = sg.Sparsifier(model, density, method=method, schedule=sched, distribution=distribution,
+                       seed=seed, **kw)
+    return model, sp
+
+
+def batch(seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(16, 1, 8, 8, generator=g), torch.randint(0, 10, (16,), generator=g)
+
+
+def train(model, sp, opt, steps, start=0, check=None):
+    stats = []
+    for t in range(start, start + steps):
+        x, y = batch(t)
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        s = sp.step()
+        if s is not None:
+            stats.append(s)
+        if check:
+            check(t)
+    return stats
+
+
+def total_nnz(sp):
+    return sum(p.nnz() for p in sp.params)
+
+
+@pytest.mark.parametrize("method,distribution,kind",
+                         list(itertools.product(METHODS, DISTRIBUTIONS, MODELS)))
+def test_density_exact_and_moves_are_valid(method, distribution, kind):
+    model, sp = make(method, distribution, kind)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3)
+    sp.attach(opt)
+    shapes = [tuple(p.shape) for p in sp.params]
+    expected = sg.layer_counts(shapes, sp.density, distribution)
+    assert [p.nnz() for p in sp.params] == expected
+    assert total_nnz(sp) == round(sp.density * sum(math.prod(s) for s in shapes))
+
+    # Wrap every storage's update to check each move against the topology before it.
+    moves = []
+    for p in sp.params:
+        orig = p.update
+
+        def checked(drop, grow, init, optimizer=None, p=p, orig=orig):
+            before = p.active()
+            assert torch.isin(drop, before).all(), "dropped a connection that was not active"
+            assert not torch.isin(grow, before).any(), "grew a connection that was already active"
+            assert drop.unique().numel() == drop.numel() and grow.unique().numel() == grow.numel()
+            assert drop.numel() == grow.numel()
+            moves.append(drop.numel())
+            orig(drop, grow, init, optimizer)
+        p.update = checked
+
+    def check(t):
+        assert [p.nnz() for p in sp.params] == expected
+        for p in sp.params:
+            a = p.active()
+            assert a.unique().numel() == a.numel()
+            assert (a[1:] > a[:-1]).all()
+            w = p.param.detach().reshape(-1)
+            inactive = torch.ones_like(w, dtype=torch.bool)
+            inactive[a] = False
+            assert (w[inactive] == 0).all()
+
+    stats = train(model, sp, opt, 30, check=check)
+    if sp.dynamic:
+        assert len(stats) == len([s for s in sp.schedule.update_steps() if s <= 30])
+        assert sum(moves) > 0, "a dynamic method never changed the topology"
+        assert sp.report()["itop"] > sp.density
+    else:
+        assert stats == [] and moves == []
+        assert sp.report()["itop"] == pytest.approx(sp.report()["global_density"])
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("opt_name", ["sgd", "adamw", "adam"])
+def test_inactive_weights_stay_exactly_zero(method, opt_name):
+    model, sp = make(method, kind="conv", every=2)
+    params = model.parameters()
+    opt = {"sgd": lambda: torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=5e-2, nesterov=True),
+           "adamw": lambda: torch.optim.AdamW(params, lr=0.01, weight_decay=0.1),
+           "adam": lambda: torch.optim.Adam(params, lr=0.01, weight_decay=0.1)}[opt_name]()
+    sp.attach(opt)
+
+    def check(t):
+        for p in sp.params:
+            assert (p.param.detach()[~p.mask] == 0).all()
+            for key, s in opt.state[p.param].items():
+                if torch.is_tensor(s) and s.shape == p.param.shape:
+                    # optimizer state of inactive connections is zero too, so nothing can leak back
+                    assert (s[~p.mask] == 0).all(), key
+
+    train(model, sp, opt, 20, check=check)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_same_seed_same_masks_and_other_seed_differs(method):
+    runs = []
+    for seed in (0, 0, 1):
+        model, sp = make(method, seed=seed)
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        sp.attach(opt)
+        train(model, sp, opt, 20)
+        runs.append(sp.masks())
+    for k in runs[0]:
+        assert torch.equal(runs[0][k], runs[1][k])
+    if sp.density < 1:
+        assert any(not torch.equal(runs[0][k], runs[2][k]) for k in runs[0])
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_state_dict_round_trip_continues_identically(method):
+    def fresh():
+        model, sp = make(method)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+        sp.attach(opt)
+        return model, sp, opt
+
+    m1, s1, o1 = fresh()
+    train(m1, s1, o1, 10)
+    # deepcopy: state_dict() holds references that further training would change in place
+    state = copy.deepcopy({"m": m1.state_dict(), "s": s1.state_dict(), "o": o1.state_dict()})
+    train(m1, s1, o1, 20, start=10)
+
+    torch.manual_seed(123)  # a different init: everything must come from the state
+    m2, s2, o2 = fresh()
+    m2.load_state_dict(state["m"])
+    s2.load_state_dict(state["s"])
+    o2.load_state_dict(state["o"])
+    train(m2, s2, o2, 20, start=10)
+    for k, v in s1.masks().items():
+        assert torch.equal(v, s2.masks()[k])
+    for (k, a), b in zip(m1.state_dict().items(), m2.state_dict().values()):
+        assert torch.equal(a, b), k
+    assert s1.report()["itop"] == s2.report()["itop"]
+
+
+def test_optimizer_state_reset_for_grown_and_dropped():
+    model, sp = make("set", every=5, fraction=0.5)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    sp.attach(opt)
+    train(model, sp, opt, 4)
+    before = {p.fqn: p.mask.clone() for p in sp.params}
+    train(model, sp, opt, 1, start=4)  # step 5 is an update step
+    for p in sp.params:
+        grown = p.mask & ~before[p.fqn]
+        assert grown.any()
+        buf = opt.state[p.param]["momentum_buffer"]
+        assert (buf[grown] == 0).all() and (p.param.detach()[grown] == 0).all()
+
+
+def test_rigl_grows_largest_gradients():
+    torch.manual_seed(0)
+    lin = nn.Linear(20, 10, bias=False)
+    model = nn.Sequential(lin)
+    sp = sg.Sparsifier(model, 0.2, method="rigl", distribution="uniform",
+                       schedule=sg.UpdateSchedule(every=1, end=10, fraction=0.25, decay="constant"))
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)  # lr 0: weights stay, only topology moves
+    sp.attach(opt)
+    mask0 = sp.params[0].mask.clone()
+    x = torch.randn(8, 20)
+    (model(x) ** 2).sum().backward()
+    w = lin.weight.detach()
+    z = x @ w.T  # (8, 10)
+    g = (2 * z).T @ x  # dense dL/dW, (10, 20)
+    opt.step()
+    sp.step()
+    n = round(0.25 * int(mask0.sum()))
+    # Dropped: the n smallest |w| among active; grown: the n largest |g| among the rest.
+    w_act = w.abs().masked_fill(~mask0, float("inf"))
+    dropped = torch.zeros_like(mask0).view(-1)
+    dropped[torch.topk(-w_act.view(-1), n).indices] = True
+    after_drop = mask0 & ~dropped.view_as(mask0)
+    scores = g.abs().masked_fill(after_drop, -1)
+    grown = torch.zeros_like(mask0).view(-1)
+    grown[torch.topk(scores.view(-1), n).indices] = True
+    expected = after_drop | grown.view_as(mask0)
+    assert torch.equal(sp.params[0].mask, expected)
+
+
+def test_allow_regrow_false_excludes_just_dropped():
+    model, sp = make("rigl", every=2, fraction=0.5, allow_regrow=False)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    sp.attach(opt)
+    stats = train(model, sp, opt, 12)
+    assert stats and all(s["regrown"] == 0 for s in stats)
+
+
+def test_regrown_connections_keep_their_weight():
+    # A large update fraction drops most connections; RigL regrows many of them (their gradients
+    # are large), and those keep their values instead of restarting from zero.
+    model, sp = make("rigl", every=2, fraction=0.9)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    sp.attach(opt)
+    train(model, sp, opt, 1)
+    snap = {p.fqn: (p.mask.clone(), p.param.detach().clone()) for p in sp.params}
+    stats = train(model, sp, opt, 1, start=1)
+    assert stats[0]["regrown"] > 0
+    for p in sp.params:
+        m0, w0 = snap[p.fqn]
+        stay = m0 & p.mask
+        # connections active before and after kept the values of the optimizer step
+        assert torch.count_nonzero(p.param.detach()[stay]) > 0
+
+
+def test_schedule_fires_exactly_where_it_should():
+    s = sg.UpdateSchedule(every=10, end=55, start=5, fraction=0.4, decay="cosine")
+    assert s.update_steps() == [15, 25, 35, 45]
+    assert [t for t in range(0, 80) if s.is_update_step(t)] == [15, 25, 35, 45]
+    assert s.fraction_at(5) == pytest.approx(0.4)
+    assert s.fraction_at(30) == pytest.approx(0.2)
+    assert s.fraction_at(55) == pytest.approx(0.0)
+    lin = sg.UpdateSchedule(every=10, end=105, decay="linear", fraction=0.5)
+    assert lin.fraction_at(52.5) == pytest.approx(0.25)
+    assert sg.UpdateSchedule(every=3, end=10, decay="constant", fraction=0.1).fraction_at(9) == 0.1
+
+    model, sp = make("set", every=4, end=19)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    sp.attach(opt)
+    assert [s["step"] for s in train(model, sp, opt, 30)] == [4, 8, 12, 16]
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"density": 0.0}, "density must be in"),
+    ({"density": 1.5}, "density must be in"),
+    ({"method": "magic"}, "unknown method 'magic'; allowed: dense, static, set, rigl"),
+    ({"distribution": "gaussian"}, "unknown distribution 'gaussian'"),
+    ({"grow": "psychic"}, "unknown grow criterion 'psychic'"),
+    ({"include": ["nope.weight"]}, "unknown parameter"),
+    ({"grow_init": "ones"}, "unknown grow_init"),
+    ({"density": 1e-4}, "too small"),
+])
+def test_bad_input_gives_clear_error(kwargs, match):
+    model = mlp()
+    args = {"density": 0.3, "method": "set", "schedule": sg.UpdateSchedule(every=2, end=10)} | kwargs
+    with pytest.raises(ValueError, match=match):
+        sg.Sparsifier(model, **args)
+
+
+def test_dynamic_method_without_schedule_and_schedule_never_firing():
+    with pytest.raises(ValueError, match="pass schedule"):
+        sg.Sparsifier(mlp(), 0.3, method="rigl")
+    with pytest.raises(ValueError, match="never fires"):
+        sg.UpdateSchedule(every=100, end=50)
+    with pytest.raises(ValueError, match="update fraction must be in"):
+        sg.UpdateSchedule(every=1, end=50, fraction=0)
+
+
+def test_include_by_name_and_filter_function_keep_other_weights_dense():
+    model = mlp()
+    sp = sg.Sparsifier(model, 0.3, method="static", include=["1.weight"])
+    assert [p.fqn for p in sp.params] == ["1.weight"]
+    sp = sg.Sparsifier(mlp(), 0.3, method="static",
+                       include=lambda m, name: isinstance(m, nn.Linear) and m.out_features > 10)
+    assert [p.fqn for p in sp.params] == ["1.weight", "3.weight"]
+
+
+def test_sparse_init_scales_by_active_fan_in():
+    torch.manual_seed(0)
+    a = mlp()
+    torch.manual_seed(0)
+    b = mlp()
+    sg.Sparsifier(a, 0.1, method="static", seed=0)
+    sg.Sparsifier(b, 0.1, method="static", seed=0, sparse_init=True)
+    wa, wb = a[1].weight.detach(), b[1].weight.detach()
+    ratio = (wb[wa != 0] / wa[wa != 0])
+    assert ratio.min() > 1.5  # density 0.1: about sqrt(10) larger
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.sampled_from([0.0, 1.0, 2.0, 3.0]), min_size=1, max_size=40), st.integers(0, 40),
+       st.integers(0, 1000))
+def test_select_top_is_exact_and_seeded(values, k, seed):
+    scores = torch.tensor(values)
+    k = min(k, len(values))
+    a = select_top(scores, k, torch.Generator().manual_seed(seed))
+    b = select_top(scores, k, torch.Generator().manual_seed(seed))
+    assert torch.equal(a, b)
+    assert a.unique().numel() == k
+    if k:
+        chosen = scores[a]
+        rest = scores[~torch.isin(torch.arange(len(values)), a)]
+        assert rest.numel() == 0 or chosen.min() >= rest.max()
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 2000), st.floats(0, 0.95), st.floats(0, 1), st.integers(0, 99))
+def test_sample_inactive_distinct_and_excluded(numel, excl_frac, k_frac, seed):
+    g = torch.Generator().manual_seed(seed)
+    excluded = torch.randperm(numel, generator=g)[: int(excl_frac * numel)].sort().values
+    k = int(k_frac * (numel - excluded.numel()))
+    out = sample_inactive(numel, excluded, k, g)
+    assert out.numel() == k and out.unique().numel() == k
+    assert not torch.isin(out, excluded).any()
+    assert (out >= 0).all() and (out < numel).all()
+
+
+def test_sample_inactive_large_layer_uses_no_dense_tensor_and_is_uniform():
+    numel = 1 << 34  # a 131072 x 131072 layer: no dense mask could exist
+    g = torch.Generator().manual_seed(0)
+    excluded = torch.unique(torch.randint(0, numel, (100_000,), generator=g))
+    out = sample_inactive(numel, excluded, 200_000, g)
+    assert out.numel() == 200_000 and out.unique().numel() == 200_000
+    assert not torch.isin(out, excluded).any()
+    # Uniform over the range: each eighth of [0, numel) gets about 1/8 of the draws.
+    counts = torch.bincount(out // (numel // 8), minlength=8).float()
+    assert (counts / counts.sum() - 1 / 8).abs().max() < 0.01
