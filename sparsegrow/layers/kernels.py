@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 BACKENDS = ("auto", "c", "torch", "reference")
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
 _backend = os.environ.get("SPARSEGROW_KERNELS", "auto")
 if _backend not in BACKENDS:
     raise ValueError(f"SPARSEGROW_KERNELS={_backend!r}; allowed: {', '.join(BACKENDS)}")
