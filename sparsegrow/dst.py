@@ -175,7 +175,7 @@ class DSTSparsifier:
         resets = []
         for fqn, layer in self.layers.items():
             mask = layer.mask()
-            if mask.float().mean() < self.floor:
+            if int(mask.sum()) < self.floor * mask.numel():
                 layer.reset_thresholds()
                 if self.optimizer is not None:
                     optim_state.reset_positions(self.optimizer, layer.threshold,
@@ -184,8 +184,10 @@ class DSTSparsifier:
                 resets.append(fqn)
                 mask = layer.mask()
             last = self._last[fqn]
-            self._window["dropped"] += int((last & ~mask).sum())
-            self._window["grown"] += int((mask & ~last).sum())
+            changed = last ^ mask
+            dropped = int((changed & last).sum())  # active -> inactive
+            self._window["dropped"] += dropped
+            self._window["grown"] += int(changed.sum()) - dropped
             self.ever_active[fqn] |= mask
             self._last[fqn] = mask
         self._window["resets"] += resets
