@@ -1,0 +1,11 @@
+"""Maximum-inner-product search backends behind one contract; exact search is the oracle.
+
+`BACKENDS` lists every backend (`names()` feeds the contract tests); `top_pairs` runs the growth
+search through any of them. faiss and hnswlib are optional extras: `pip install sparsegrow[search]`.
+"""
+from . import exact, faiss_index, hnsw, lsh  # noqa: F401  (register the backends)
+from .base import BACKENDS, METRICS, TopPool
+from .exact import ExactIndex, exact_top_pairs
+from .pairs import top_pairs
+
+__all__ = ["BACKENDS", "METRICS", "ExactIndex", "TopPool", "exact_top_pairs", "top_pairs"]

@@ -1,0 +1,210 @@
+"""Search grow (thesis ch. 3): grow the inactive connections of largest |gradient| by searching
+two groups of vectors, the layer's output gradients and its inputs, without a dense gradient.
+
+For z = x Wᵀ the gradient of a missing weight (j, i) is G_ji = Σ_b dZ[b, j] X[b, i], the inner
+product of column j of dZ with column i of X. The best new connections are the top |G_ji| among
+inactive pairs: a maximum-inner-product search between N and M vectors of dimension B (B·P for
+Conv2d; or s, the sketch size). `signals.LayerSignal` captures the vectors on update steps,
+`search.top_pairs` finds the pairs through the chosen backend (exact by default: the same set as
+RigL's dense-gradient grow), and each select records per-layer instrumentation in `last_stats`.
+
+    Sparsifier(model, 0.1, method="search", schedule=...,
+               grow_kwargs={"backend": "exact", "metric": "abs_ip", "k_similar": 0.15,
+                            "bits": 1.0, "sketch_dim": 0, "accumulate": False})
+"""
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+
+from .grow import GROW, GrowContext
+from .search import BACKENDS, METRICS, exact_top_pairs, top_pairs
+from .search.base import require
+from .signals import LayerSignal
+from .topology import isin_sorted
+from .updater import METHODS, Method
+
+MEASURES = ("auto", "exact", "sampled", "off")
+_MEASURE_ROWS = 256  # rows of S sampled to estimate recall and quality where exact is too dear
+_OPTIONAL = {"faiss": "faiss", "hnswlib": "hnswlib"}  # backend name prefix -> package
+
+
+def pair_scores(Z: torch.Tensor, X: torch.Tensor, idx: torch.Tensor, chunk: int = 1 << 15):
+    """|G| at flat indices idx of G = Zᵀ X, without forming G: (len(idx),)."""
+    M = X.shape[1]
+    out = torch.empty(idx.numel(), device=Z.device)
+    for c0 in range(0, idx.numel(), chunk):
+        part = idx[c0:c0 + chunk]
+        out[c0:c0 + chunk] = (Z[:, part // M] * X[:, part % M]).sum(0).abs()
+    return out
+
+
+class SearchGrow:
+    """The `search` grow criterion. Arguments (all validated here, at construction):
+
+    backend     one of `search.BACKENDS` (exact, faiss-flat, faiss-ivf, faiss-hnsw, faiss-range,
+                hnswlib, lsh)
+    metric      ip | abs_ip | l2 (thesis; abs_ip = |G|, RigL's score, the default)
+    k_similar   (0, 1]: share of the M candidates searched per query (approximate backends)
+    bits        (0, 64]: LSH hash bits per vector dimension (backend lsh)
+    sketch_dim  int >= 0: rows of the random-sign sketch of the batch (0: exact rows)
+    accumulate  bool: sum the signal over every armed step since the last update (needs the
+                Sparsifier to arm the criterion on every step of the window; see `arm`)
+    global_threshold  bool: share the candidate budget by a global threshold (the fix for
+                per-query top-k); False is the thesis's per-query rule
+    measure     auto | exact | sampled | off: how recall and quality are measured
+    measure_max_numel  layers up to this size are measured exactly under "auto"
+    backend_options    dict passed to the backend (e.g. {"nprobe": 8}, {"ef_search": 128})
+    seed        seeds the sketches and the backends
+    """
+
+    needs_dense_grad = False
+
+    def __init__(self, backend: str = "exact", metric: str = "abs_ip", k_similar: float = 0.15,
+                 bits: float = 1.0, sketch_dim: int = 0, accumulate: bool = False,
+                 global_threshold: bool = True, measure: str = "auto",
+                 measure_max_numel: int = 1 << 24, backend_options: dict | None = None,
+                 seed: int = 0):
+        BACKENDS.get(backend)  # ValueError naming the allowed backends
+        if metric not in METRICS:
+            raise ValueError(f"unknown search metric {metric!r}; allowed: {', '.join(METRICS)}")
+        if isinstance(k_similar, bool) or not isinstance(k_similar, (int, float)) \
+                or not 0 < k_similar <= 1:
+            raise ValueError(f"k_similar must be in (0, 1] (share of candidates per query), "
+                             f"got {k_similar!r}")
+        if isinstance(bits, bool) or not isinstance(bits, (int, float)) or not 0 < bits <= 64:
+            raise ValueError(f"bits must be in (0, 64] (LSH bits per vector dimension), got {bits!r}")
+        if isinstance(sketch_dim, bool) or not isinstance(sketch_dim, int) or sketch_dim < 0:
+            raise ValueError(f"sketch_dim must be an integer >= 0 (0: no sketch), got {sketch_dim!r}")
+        for name, v in (("accumulate", accumulate), ("global_threshold", global_threshold)):
+            if not isinstance(v, bool):
+                raise ValueError(f"{name} must be True or False, got {v!r}")
+        if measure not in MEASURES:
+            raise ValueError(f"unknown measure {measure!r}; allowed: {', '.join(MEASURES)}")
+        if not isinstance(measure_max_numel, int) or measure_max_numel < 0:
+            raise ValueError(f"measure_max_numel must be an integer >= 0, got {measure_max_numel!r}")
+        if backend_options is not None and not isinstance(backend_options, dict):
+            raise ValueError(f"backend_options must be a dict, got {backend_options!r}")
+        if backend == "faiss-range" and metric == "l2":
+            raise ValueError("backend 'faiss-range' supports metrics ip and abs_ip, not l2")
+        for prefix, package in _OPTIONAL.items():
+            if backend.startswith(prefix):
+                require(package, backend)  # ImportError naming `pip install sparsegrow[search]`
+        self.backend, self.metric, self.k_similar, self.bits = backend, metric, k_similar, bits
+        self.sketch_dim, self.accumulate = sketch_dim, accumulate
+        self.global_threshold, self.measure = global_threshold, measure
+        self.measure_max_numel = measure_max_numel
+        self.backend_options = dict(backend_options or {})
+        if backend == "lsh":
+            self.backend_options.setdefault("bits", bits)
+        if backend != "exact":
+            self.backend_options.setdefault("seed", seed)
+        self.seed = seed
+        self.signals: dict[str, LayerSignal] = {}
+        self.last_stats: dict[str, dict] = {}
+        self._stats_step = None
+
+    # -- lifecycle (called by the Sparsifier) ---------------------------------------------------
+
+    def attach(self, params) -> None:
+        """Install the capture hooks on every sparse parameter's module."""
+        self.detach()
+        for k, p in enumerate(params):
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + k)
+            self.signals[p.fqn] = LayerSignal(p.module, p.shape, p.fqn, self.sketch_dim,
+                                              self.accumulate, g)
+
+    def detach(self) -> None:
+        for s in self.signals.values():
+            s.remove()
+        self.signals = {}
+
+    def arm(self, on: bool) -> None:
+        """Capture during the coming forward/backward iff on. Called once per training step; with
+        accumulate=True the Sparsifier should pass on=True for every step of the ΔT window (the
+        signal is summed until the next select), otherwise only for update steps."""
+        for s in self.signals.values():
+            s.arm(on)
+
+    # -- the criterion -------------------------------------------------------------------------
+
+    def select(self, ctx: GrowContext, n: int, generator: torch.Generator) -> torch.Tensor:
+        p = ctx.param
+        if p.fqn not in self.signals:
+            raise RuntimeError(f"search grow: {p.fqn} has no signal hooks; call attach(params) "
+                               "first (the Sparsifier does this at construction)")
+        if ctx.step != self._stats_step:
+            self.last_stats, self._stats_step = {}, ctx.step
+        signal = self.signals[p.fqn]
+        sync = (lambda: torch.cuda.synchronize()) if ctx.excluded.is_cuda else (lambda: None)
+        t0 = time.perf_counter()
+        Z, X = signal.rows()  # (R, N), (R, M)
+        N, M = p.shape[0], p.numel // p.shape[0]
+        if Z.shape[1] != N or X.shape[1] != M:
+            raise RuntimeError(f"search grow: {p.fqn} captured ({Z.shape[1]}, {X.shape[1]}) "
+                               f"vectors for a ({N}, {M}) weight")
+        excluded = ctx.excluded.to(Z.device)
+        idx, _, info = top_pairs(Z, X, n, excluded, generator, self.backend, self.metric,
+                                 self.k_similar, self.global_threshold, self.seed,
+                                 self.backend_options)
+        sync()
+        stats = {"grow_time_s": time.perf_counter() - t0, "signal_rows": Z.shape[0],
+                 "signal_steps": signal.last_steps, "backend": self.backend}
+        stats.update({f"search_{k}": v for k, v in info.items()})
+        t1 = time.perf_counter()
+        stats.update(self._measure(Z, X, idx, n, excluded))
+        sync()
+        stats["measure_time_s"] = time.perf_counter() - t1
+        self.last_stats[p.fqn] = stats
+        return idx.to(ctx.excluded.device)
+
+    def _measure(self, Z, X, idx, n, excluded) -> dict:
+        """Recall of the chosen set against the exact top-n of |G| on the same signal, and quality
+        Σ|G| chosen / Σ|G| exact top-n; on `_MEASURE_ROWS` random rows of G where exact is dear."""
+        if self.measure == "off":
+            return {}
+        if self.backend == "exact" and self.metric == "abs_ip":
+            return {"recall": 1.0, "quality": 1.0, "recall_sampled": False}  # by construction
+        N, M = Z.shape[1], X.shape[1]
+        sampled = N > _MEASURE_ROWS and (self.measure == "sampled" or (
+            self.measure == "auto" and N * M > self.measure_max_numel))
+        g = torch.Generator().manual_seed(self.seed + 12345)  # private: no shift of the caller's draws
+        if sampled:
+            rows = torch.sort(torch.randperm(N, generator=g)[:_MEASURE_ROWS]).values.to(Z.device)
+            where = torch.full((N,), -1, dtype=torch.long, device=Z.device)
+            where[rows] = torch.arange(rows.numel(), device=Z.device)
+
+            def restrict(flat):  # flat indices of G -> flat indices of G[rows], sorted
+                r = where[flat // M]
+                keep = r >= 0
+                return torch.sort(r[keep] * M + flat[keep] % M).values
+
+            Z, excluded, idx = Z[:, rows], restrict(excluded), restrict(idx)
+            n = max(1, round(n * rows.numel() / N))
+            n = min(n, rows.numel() * M - excluded.numel())
+        ref, ref_val, _ = exact_top_pairs(Z, X, n, excluded, g, "abs_ip")
+        hit = int(isin_sorted(idx, ref).sum())
+        chosen = float(pair_scores(Z, X, idx).sum())
+        best = float(ref_val.sum())
+        return {"recall": hit / max(ref.numel(), 1),
+                "quality": chosen / best if best > 0 else 1.0,
+                "recall_sampled": bool(sampled)}
+
+    # -- state ---------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        return {"generators": {k: s.generator.get_state() for k, s in self.signals.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        for k, st in state.get("generators", {}).items():
+            if k in self.signals:
+                self.signals[k].generator.set_state(st)
+
+
+GROW.add("search", SearchGrow,
+         "grow the inactive connections of largest |dZᵀX| by vector search, no dense gradient "
+         "(thesis ch. 3; exact by default = RigL's choice)")
+METHODS.add("search", Method("magnitude", "search"),
+            "search grow: magnitude drop, grow by searching layer inputs and output gradients")
