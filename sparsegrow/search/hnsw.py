@@ -28,13 +28,18 @@ class HnswlibIndex:
     def search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         k_eff = min(k, self.n)
         q = np.ascontiguousarray(queries.detach().float().cpu().numpy())
-        for ef in (max(self.ef_search, k_eff), max(self.ef_search, 4 * k_eff), self.n):
+        # In inner-product space the graph may reach fewer than k vectors from some query;
+        # hnswlib then refuses the whole batch. Widen ef, then ask for fewer (padded with -1).
+        tries = [(max(self.ef_search, k_eff), k_eff), (max(self.ef_search, 4 * k_eff), k_eff)]
+        while tries[-1][1] > 1:
+            tries.append((self.n, tries[-1][1] // 2))
+        for ef, k_eff in tries:
             self.index.set_ef(ef)
-            try:  # in inner-product space a too-small ef can reach fewer than k vectors
+            try:
                 labels, dist = self.index.knn_query(q, k=k_eff)
                 break
             except RuntimeError:
-                if ef == self.n:
+                if k_eff == 1:
                     raise
         scores = torch.from_numpy(1.0 - dist).float()  # hnswlib's ip distance is 1 - <q, v>
         ids = torch.from_numpy(labels.astype(np.int64))
