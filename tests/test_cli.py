@@ -11,7 +11,10 @@ from sparsegrow.experiments.config import ConfigError, load_config
 from sparsegrow.experiments.data import FASHION_MNIST_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "configs").rglob("*.yaml"))
+SWEEPS = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "configs").rglob("*.yaml")
+                if "base:" in p.read_text())
+CONFIGS = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "configs").rglob("*.yaml")
+                 if str(p.relative_to(ROOT)) not in SWEEPS)
 needs_fmnist = pytest.mark.skipif(not (FASHION_MNIST_DIR / "t10k-labels-idx1-ubyte.gz").exists(),
                                   reason="Fashion-MNIST Debian package not installed")
 SMALL = ["train.epochs=1", "data.train_subset=256", "train.batch_size=64",

@@ -1,6 +1,7 @@
 """The `sparsegrow` command: train a config, turn runs into tables.
 
     sparsegrow train CONFIG [key=value ...] [--run-dir DIR] [--resume] [--no-progress]
+    sparsegrow sweep SWEEP [key=value ...] [--smoke] [--dry-run]
     sparsegrow report RUNS... [--per-run] [--out FILE]
     sparsegrow list
 """
@@ -21,6 +22,16 @@ def _cmd_train(args) -> int:
     print(f"{cfg.run_name()}: test accuracy {100 * summary['test_acc']:.2f}%  "
           f"density {summary['density']:.4f}  train time {summary['train_time_s']:.1f}s  "
           f"update time {summary['update_time_s']:.2f}s  -> {run_dir}")
+    return 0
+
+
+def _cmd_sweep(args) -> int:
+    from .sweep import run_sweep
+
+    summaries = run_sweep(args.sweep, smoke=args.smoke, extra=args.overrides,
+                          progress=not args.no_progress, dry_run=args.dry_run)
+    if summaries:
+        print(f"{len(summaries)} runs finished; tabulate with: sparsegrow report <output folder>")
     return 0
 
 
@@ -62,6 +73,13 @@ def make_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="continue an interrupted run (or skip a finished one)")
     t.add_argument("--no-progress", action="store_true", help="no progress bars")
     t.set_defaults(func=_cmd_train)
+    sw = sub.add_parser("sweep", help="run a grid of configs x seeds (resumable)")
+    sw.add_argument("sweep", help="sweep YAML file")
+    sw.add_argument("overrides", nargs="*", help="overrides applied to every run")
+    sw.add_argument("--smoke", action="store_true", help="CI-sized runs (the sweep's `smoke:` overrides)")
+    sw.add_argument("--dry-run", action="store_true", help="list the runs without training")
+    sw.add_argument("--no-progress", action="store_true", help="no progress bars")
+    sw.set_defaults(func=_cmd_sweep)
     r = sub.add_parser("report", help="markdown table of finished runs")
     r.add_argument("runs", nargs="+", help="run directories or folders holding runs")
     r.add_argument("--per-run", action="store_true", help="one row per run instead of mean ± std over seeds")

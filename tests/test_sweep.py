@@ -1,0 +1,67 @@
+"""Sweeps: every shipped sweep validates; a sweep skips finished runs and resumes interrupted ones."""
+from pathlib import Path
+
+import pytest
+
+from sparsegrow.experiments import loop, sweep
+from sparsegrow.experiments.config import ConfigError
+from test_cli import ROOT, SWEEPS, needs_fmnist
+
+
+@pytest.mark.parametrize("path", SWEEPS)
+def test_every_shipped_sweep_validates(path):
+    assert (ROOT / path).read_text().startswith("# sparsegrow sweep "), "starts with its command"
+    for smoke in (False, True):
+        _, jobs = sweep.load_sweep(ROOT / path, smoke=smoke)
+        assert jobs and len({j.run_dir for j in jobs}) == len(jobs)
+
+
+def _write_sweep(tmp_path):
+    spec = tmp_path / "s.yaml"
+    spec.write_text(f"""# sparsegrow sweep s.yaml
+base: {ROOT / 'configs/fmnist_lenet.yaml'}
+output: {tmp_path / 'out'}
+seeds: [0, 1]
+overrides: [train.epochs=2, data.train_subset=300, train.batch_size=50, sparsity.update_every=2,
+            model.name=mlp, "model.kwargs={{hidden: [32]}}", train.threads=1]
+rows:
+  - {{label: static, overrides: [sparsity.method=static]}}
+  - {{label: set, overrides: [sparsity.method=set], seeds: [3]}}
+""")
+    return spec
+
+
+@needs_fmnist
+def test_sweep_skips_finished_and_resumes_interrupted(tmp_path, monkeypatch):
+    spec = _write_sweep(tmp_path)
+    calls = []
+    real_train = loop.train
+
+    def counting_train(cfg, run_dir, resume=False, progress=True):
+        calls.append((Path(run_dir).name, cfg.seed))
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # the second run dies before it starts training
+        return real_train(cfg, run_dir, resume=resume, progress=progress)
+
+    monkeypatch.setattr(sweep, "train", counting_train)
+    with pytest.raises(KeyboardInterrupt):
+        sweep.run_sweep(spec, progress=False)
+    monkeypatch.setattr(sweep, "train", real_train)
+
+    out = tmp_path / "out"
+    assert (out / "static/seed0/summary.json").exists()
+    first = (out / "static/seed0/summary.json").read_text()
+    summaries = sweep.run_sweep(spec, progress=False)
+    assert [s["seed"] for s in summaries] == [0, 1, 3]
+    assert (out / "static/seed0/summary.json").read_text() == first  # skipped, not retrained
+    assert (out / "set/seed3/summary.json").exists()
+
+
+def test_bad_sweep_is_a_clear_error(tmp_path):
+    spec = tmp_path / "bad.yaml"
+    spec.write_text(f"base: {ROOT / 'configs/fmnist_lenet.yaml'}\nrowz: []\n")
+    with pytest.raises(ConfigError, match="unknown sweep key"):
+        sweep.load_sweep(spec)
+    spec.write_text(f"base: {ROOT / 'configs/fmnist_lenet.yaml'}\nrows: [{{label: a, overrides: [sparsity.density=3]}}]\n")
+    with pytest.raises(ConfigError, match="density must be in"):
+        sweep.load_sweep(spec)
