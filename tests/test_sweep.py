@@ -65,3 +65,16 @@ def test_bad_sweep_is_a_clear_error(tmp_path):
     spec.write_text(f"base: {ROOT / 'configs/fmnist_lenet.yaml'}\nrows: [{{label: a, overrides: [sparsity.density=3]}}]\n")
     with pytest.raises(ConfigError, match="density must be in"):
         sweep.load_sweep(spec)
+
+
+@needs_fmnist
+def test_plots_render_from_runs(tmp_path):
+    pytest.importorskip("matplotlib")
+    from sparsegrow.experiments.cli import main
+
+    spec = _write_sweep(tmp_path)
+    sweep.run_sweep(spec, progress=False)
+    for kind in ("density", "accuracy", "density-acc", "time"):
+        out = tmp_path / f"{kind}.png"
+        assert main(["plot", kind, str(tmp_path / "out"), "--out", str(out)]) == 0
+        assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 5000

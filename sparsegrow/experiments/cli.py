@@ -3,6 +3,7 @@
     sparsegrow train CONFIG [key=value ...] [--run-dir DIR] [--resume] [--no-progress]
     sparsegrow sweep SWEEP [key=value ...] [--smoke] [--dry-run]
     sparsegrow report RUNS... [--per-run] [--out FILE]
+    sparsegrow plot {density,accuracy,density-acc,time} RUNS... --out FILE.png
     sparsegrow list
 """
 from __future__ import annotations
@@ -49,6 +50,18 @@ def _cmd_report(args) -> int:
     return 0
 
 
+def _cmd_plot(args) -> int:
+    from .plots import PLOTS
+    from .results import find_runs, load_run
+
+    runs = [load_run(d) for d in find_runs(args.runs)]
+    if not runs:
+        raise FileNotFoundError(f"no finished runs (summary.json) under {' '.join(args.runs)}")
+    PLOTS[args.kind](runs, Path(args.out))
+    print(f"wrote {args.out}")
+    return 0
+
+
 def _cmd_list(args) -> int:
     import sparsegrow
     from .data import DATASETS
@@ -85,6 +98,11 @@ def make_parser() -> argparse.ArgumentParser:
     r.add_argument("--per-run", action="store_true", help="one row per run instead of mean ± std over seeds")
     r.add_argument("--out", help="also write the table to this file")
     r.set_defaults(func=_cmd_report)
+    pl = sub.add_parser("plot", help="plot finished runs to a PNG")
+    pl.add_argument("kind", choices=["density", "accuracy", "density-acc", "time"])
+    pl.add_argument("runs", nargs="+", help="run directories or folders holding runs")
+    pl.add_argument("--out", required=True, help="output PNG")
+    pl.set_defaults(func=_cmd_plot)
     ls = sub.add_parser("list", help="registered methods, distributions, criteria, models, data sets")
     ls.set_defaults(func=_cmd_list)
     return p
@@ -97,7 +115,7 @@ def main(argv=None) -> int:
 
     try:
         return args.func(args)
-    except (ConfigError, DatasetMissingError, ValueError, FileNotFoundError) as e:
+    except (ConfigError, DatasetMissingError, ValueError, FileNotFoundError, ImportError) as e:
         print(f"sparsegrow: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -110,7 +110,8 @@ class Config:
         if self.name:
             return self.name
         s = self.sparsity
-        return f"{self.data.dataset}-{self.model.name}-{s.method}-d{s.density:g}-s{self.seed}"
+        density = "1" if s.method == "dense" else f"{s.density:g}"
+        return f"{self.data.dataset}-{self.model.name}-{s.method}-d{density}-s{self.seed}"
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -1,0 +1,120 @@
+"""Plots from run directories (matplotlib, the `plot` extra).
+
+    density     global density over training steps, one line per run (DST's is learned)
+    accuracy    test accuracy over epochs, mean ± std band per group of seeds
+    density-acc final test accuracy vs final density per method (mean ± std over seeds)
+    time        time per phase (forward, backward, optimizer, update) per group, stacked bars
+"""
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+
+from .report import group_runs
+from .results import read_metrics
+
+
+def _plt():
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ImportError("plots need matplotlib: pip install 'sparsegrow[plot]'") from None
+    return plt
+
+
+def _label(key) -> str:
+    d = dict(key)
+    return f"{d['method']} d={d['density']}"
+
+
+def plot_density(runs: list[dict], out: Path) -> None:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key, members in group_runs(runs).items():
+        for i, run in enumerate(members):
+            epochs = [r for r in read_metrics(run["dir"]) if r["kind"] == "epoch"]
+            ax.plot([r["step"] for r in epochs], [r["global_density"] for r in epochs],
+                    color=f"C{list(group_runs(runs)).index(key) % 10}", alpha=0.8,
+                    label=f"{_label(key)}" if i == 0 else None)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("global density")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+
+
+def plot_accuracy(runs: list[dict], out: Path) -> None:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for i, (key, members) in enumerate(group_runs(runs).items()):
+        curves = [[r["test_acc"] for r in read_metrics(m["dir"]) if r["kind"] == "epoch"] for m in members]
+        n = min(map(len, curves))
+        mean = [statistics.mean(c[e] for c in curves) * 100 for e in range(n)]
+        sd = [statistics.stdev(c[e] for c in curves) * 100 if len(curves) > 1 else 0 for e in range(n)]
+        xs = list(range(1, n + 1))
+        ax.plot(xs, mean, color=f"C{i % 10}", label=_label(key))
+        ax.fill_between(xs, [m - s for m, s in zip(mean, sd)], [m + s for m, s in zip(mean, sd)],
+                        color=f"C{i % 10}", alpha=0.2)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("test accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+
+
+def plot_density_accuracy(runs: list[dict], out: Path) -> None:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    by_method: dict[str, list] = {}
+    for key, members in group_runs(runs).items():
+        d = dict(key)
+        dens = statistics.mean(m["summary"]["density"] for m in members)
+        accs = [m["summary"]["test_acc"] * 100 for m in members]
+        sd = statistics.stdev(accs) if len(accs) > 1 else 0.0
+        by_method.setdefault(d["method"], []).append((dens, statistics.mean(accs), sd))
+    for i, (method, pts) in enumerate(sorted(by_method.items())):
+        pts.sort()
+        ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts],
+                    marker="o", capsize=3, color=f"C{i % 10}", label=method)
+    ax.set_xscale("log")
+    ax.set_xlabel("density")
+    ax.set_ylabel("test accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+
+
+def plot_time(runs: list[dict], out: Path) -> None:
+    plt = _plt()
+    groups = group_runs(runs)
+    phases = sorted({p for members in groups.values() for m in members for p in m["summary"]["phases_s"]},
+                    key=lambda p: ["forward", "backward", "optimizer", "update"].index(p)
+                    if p in ("forward", "backward", "optimizer", "update") else 99)
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(groups)), 4))
+    labels = [_label(k) for k in groups]
+    bottom = [0.0] * len(groups)
+    for j, phase in enumerate(phases):
+        vals = [statistics.median(m["summary"]["phases_s"].get(phase, 0.0) for m in members)
+                for members in groups.values()]
+        ax.bar(labels, vals, bottom=bottom, label=phase, color=f"C{j % 10}")
+        bottom = [b + v for b, v in zip(bottom, vals)]
+    ax.set_ylabel("training time (s), median over seeds")
+    ax.tick_params(axis="x", rotation=30, labelsize=8)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+
+
+PLOTS = {"density": plot_density, "accuracy": plot_accuracy, "density-acc": plot_density_accuracy,
+         "time": plot_time}
