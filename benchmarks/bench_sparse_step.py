@@ -1,0 +1,211 @@
+"""One training step of a truly sparse Linear vs masked-dense vs dense nn.Linear.
+
+    .venv/bin/python benchmarks/bench_sparse_step.py                       # full grid (~15 min)
+    .venv/bin/python benchmarks/bench_sparse_step.py --widths 4096 --densities 0.01
+
+For each width (N = M), density and storage it measures, in a fresh subprocess (so peak memory is
+its own): one training step (forward, backward with dX, optimizer step; batch B=128) as the median
+of --repeats, the resident memory it needs, and the cost of one topology update (magnitude drop
++ random grow of 30% of the nnz, with optimizer-state reset/re-index; plus exact search grow when
+a 'search' grow criterion is registered) as a multiple of one step. Ratios are against dense
+nn.Linear measured in the same run. Dense and masked are skipped where their (N, M) weight,
+gradient and optimizer state would not fit (--max-dense-gib).
+
+Memory: `peak` is the peak resident set (VmHWM) during the timed steps minus the resident set
+before the layer was built, so it covers weights, indices, gradient, optimizer state, the batch's
+activations and every transient. `nnz storage` = bytes of values + all indices the sparse layer
+keeps (values 4 B, col/row_t/perm 8 B each per nnz, plus the row/column pointers).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+from torch import nn
+
+B = 128
+
+
+def rss_bytes(field: str = "VmRSS") -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(field)
+
+
+def one(kind: str, width: int, density: float, optim: str, repeats: int, threads: int) -> dict:
+    import sparsegrow  # noqa: F401
+    from sparsegrow.drop import DROP
+    from sparsegrow.grow import GROW, GrowContext
+    from sparsegrow.layers import sparse_linear as sl
+    from sparsegrow.topology import MaskedParam, sample_inactive
+
+    torch.set_num_threads(threads)
+    if width > 256:  # page in the code and thread pools of these ops before the baseline
+        one(kind, 256, density, optim, 1, threads)
+    gen = torch.Generator().manual_seed(0)
+    n = m = width
+    x = torch.randn(B, m, generator=gen).requires_grad_()  # dX is computed, as for a hidden layer
+    dy = torch.randn(B, n, generator=gen)
+    base = rss_bytes()
+    nnz = round(density * n * m)
+    param = None
+    if kind == "sparse":
+        active = sample_inactive(n * m, torch.empty(0, dtype=torch.long), nnz, gen)
+        layer = sl.SparseLinear(m, n, active, generator=gen)
+        view = sl.SparseLinearParam("w", layer)
+        del active
+    else:
+        layer = nn.Linear(m, n)
+        if kind == "masked":
+            active = sample_inactive(n * m, torch.empty(0, dtype=torch.long), nnz, gen)
+            view = MaskedParam("w", layer, "weight", active)
+            del active
+    if optim == "adam":
+        optimizer = torch.optim.Adam(layer.parameters(), lr=1e-3)
+    else:
+        optimizer = torch.optim.SGD(layer.parameters(), lr=1e-2, momentum=0.9)
+
+    def step():
+        optimizer.zero_grad()
+        x.grad = None
+        layer(x).backward(dy)
+        optimizer.step()
+        if kind == "masked":
+            view.enforce()
+
+    step()
+    step()  # warm-up: kernels built, optimizer state allocated
+    built = rss_bytes()
+    with open("/proc/self/clear_refs", "w") as f:  # reset VmHWM to the current RSS
+        f.write("5")
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    peak = rss_bytes("VmHWM") - base
+    out = {"kind": kind, "width": width, "density": density, "optim": optim,
+           "step_s": statistics.median(times), "step_all_s": times, "peak_bytes": peak,
+           "resident_bytes": built - base, "maxrss_bytes": resource.getrusage(
+               resource.RUSAGE_SELF).ru_maxrss * 1024 - base}
+    if kind == "sparse":
+        out["nnz"] = layer.nnz()
+        out["nnz_storage_bytes"] = sum(t.numel() * t.element_size() for t in
+                                       (layer.values, layer.crow, layer.col, layer.ccol,
+                                        layer.row_t, layer.perm))
+    if kind in ("sparse", "masked"):
+        drop_c, grow_c = DROP.get("magnitude")(), GROW.get("random")()
+        update_times = {}
+        grows = {"random": grow_c}
+        if "search" in GROW.names():
+            try:
+                grows["search"] = GROW.get("search")()
+            except Exception as e:  # noqa: BLE001 - report, do not fail the benchmark
+                out["search_error"] = repr(e)
+        for name, grow in grows.items():
+            ts = []
+            for _ in range(3):
+                t0 = time.perf_counter()
+                with torch.no_grad():
+                    a = view.active()
+                    k = int(0.3 * a.numel())
+                    pos = drop_c.select(view.values(a), k, gen)
+                    keep = torch.ones(a.numel(), dtype=torch.bool)
+                    keep[pos] = False
+                    g = grow.select(GrowContext(view, a[keep], 1), k, gen)
+                    view.update(a[pos], g, torch.zeros(k), optimizer)
+                ts.append(time.perf_counter() - t0)
+            update_times[name] = statistics.median(ts)
+        out["update_s"] = update_times
+    return out
+
+
+def fits_dense(width: int, max_gib: float, optim: str) -> bool:
+    copies = 4 if optim == "adam" else 3  # weight, grad, moments
+    return width * width * 4 * copies / 2**30 <= max_gib
+
+
+def fits_sparse(width: int, density: float, max_gib: float) -> bool:
+    return width * width * density * 64 / 2**30 <= max_gib  # ~28 B storage + grad/moments + transients
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--widths", type=int, nargs="+", default=[4096, 16384, 65536])
+    ap.add_argument("--densities", type=float, nargs="+", default=[0.1, 0.01, 0.001])
+    ap.add_argument("--optim", choices=["adam", "sgd"], default="adam")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--max-dense-gib", type=float, default=8.0)
+    ap.add_argument("--max-sparse-gib", type=float, default=8.0)
+    ap.add_argument("--json", help="also write all results here")
+    ap.add_argument("--one", nargs=3, metavar=("KIND", "WIDTH", "DENSITY"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.one:
+        kind, width, density = args.one
+        print(json.dumps(one(kind, int(width), float(density), args.optim, args.repeats,
+                             args.threads)))
+        return
+
+    def run(kind, width, density):
+        cmd = [sys.executable, __file__, "--one", kind, str(width), str(density),
+               "--optim", args.optim, "--repeats", str(args.repeats), "--threads", str(args.threads)]
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        if res.returncode != 0:
+            print(res.stderr[-2000:], file=sys.stderr)
+            return None
+        return json.loads(res.stdout.strip().splitlines()[-1])
+
+    from sparsegrow.layers import kernels
+    print(f"# bench_sparse_step: B={B}, optimizer={args.optim}, threads={args.threads}, "
+          f"repeats={args.repeats} (median), torch {torch.__version__}, "
+          f"kernels={kernels.get_backend()} (C available: {kernels._c_lib() is not None})")
+    print()
+    print("| width | density | nnz | dense step | masked step | sparse step | dense/sparse | "
+          "masked/sparse | sparse peak | nnz storage | peak/storage | dense peak | masked peak | "
+          "update (drop+random) / step, sparse | same, masked |")
+    print("|" + "---|" * 15)
+    results = []
+    mib = lambda b: f"{b / 2**20:.0f} MiB" if b is not None else "-"  # noqa: E731
+    for width in args.widths:
+        dense = run("dense", width, 1.0) if fits_dense(width, args.max_dense_gib, args.optim) else None
+        if dense:
+            results.append(dense)
+        for density in args.densities:
+            masked = (run("masked", width, density)
+                      if fits_dense(width, args.max_dense_gib, args.optim) else None)
+            sparse = (run("sparse", width, density)
+                      if fits_sparse(width, density, args.max_sparse_gib) else None)
+            results += [r for r in (masked, sparse) if r]
+            ms = lambda r: f"{r['step_s'] * 1e3:.1f} ms" if r else "-"  # noqa: E731
+            ratio = lambda a, b: f"{a['step_s'] / b['step_s']:.1f}x" if a and b else "-"  # noqa: E731
+            upd = lambda r, g="random": (f"{r['update_s'][g] / r['step_s']:.1f}x "  # noqa: E731
+                                         f"({r['update_s'][g] * 1e3:.0f} ms)"
+                                         if r and g in r.get("update_s", {}) else "-")
+            ps = f"{sparse['peak_bytes'] / sparse['nnz_storage_bytes']:.2f}" if sparse else "-"
+            print(f"| {width} | {density} | {round(density * width * width)} | {ms(dense)} | "
+                  f"{ms(masked)} | {ms(sparse)} | {ratio(dense, sparse)} | {ratio(masked, sparse)} | "
+                  f"{mib(sparse['peak_bytes'] if sparse else None)} | "
+                  f"{mib(sparse['nnz_storage_bytes'] if sparse else None)} | {ps} | "
+                  f"{mib(dense['peak_bytes'] if dense else None)} | "
+                  f"{mib(masked['peak_bytes'] if masked else None)} | {upd(sparse)} | {upd(masked)} |",
+                  flush=True)
+            if sparse and "search" in sparse.get("update_s", {}):
+                print(f"|   | search grow | | | | | | | | | | | | {upd(sparse, 'search')} | "
+                      f"{upd(masked, 'search')} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
