@@ -132,6 +132,11 @@ class TopPool:
 
     def select(self, k: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """The k best pairs (k <= pool size): (sorted flat indices, scores)."""
-        idx, val = self.contents()
+        idx, val = self._cat()
+        if val.numel() > k:  # only pairs >= the k-th best can be chosen: sort just those
+            keep = val >= torch.topk(val, k, sorted=False).values.min()
+            idx, val = idx[keep], val[keep]
+        idx, order = torch.sort(idx.long())
+        val = val[order]
         pos = select_top(val, k, generator)
         return idx[pos], val[pos]

@@ -8,8 +8,8 @@ comparison, and the survivors go to a `TopPool` that excludes existing connectio
 indices, binary search) and raises the threshold to its n-th best score whenever it fills up.
 
 Two things make it cheaper than the dense G + top-K it replaces:
-  * the threshold starts near its final value, estimated from the scores of a random 256 × 256
-    sub-matrix (a tiny GEMM), so few pairs are ever kept;
+  * the threshold starts near its final value, estimated from the scores of a random
+    sub-matrix of S (at most 512 × 512, a tiny GEMM), so few pairs are ever kept;
   * bound-based pruning (as in LEMP, Teflioudi et al. 2015): |⟨z_j, x_i⟩| <= ‖z_j‖ ‖x_i‖. Rows and
     columns are visited in decreasing norm, so a row block only multiplies the prefix of columns
     whose bound can still reach the threshold, and the search stops at the first row block whose
@@ -32,8 +32,8 @@ from ..topology import sample_inactive
 from ..metrics import union_sorted
 from .base import BACKENDS, TopPool, check_metric
 
-_SAMPLE = 256  # rows and columns of the sub-matrix that seeds the threshold
-_MARGIN = 3.0  # aim the initial threshold at margin * n survivors
+_SAMPLE = 512  # rows and columns of the sub-matrix that seeds the threshold
+_MARGIN = 1.5  # aim the initial threshold at margin * n survivors
 
 
 def default_block_bytes(n_rows: int, n_cols: int) -> int:
@@ -52,13 +52,14 @@ def _initial_threshold(Z, X, n, excluded, metric, floor) -> float:
     free = N * M - excluded.numel()
     p = _MARGIN * n / max(free, 1)
     g = torch.Generator().manual_seed(N * 1_000_003 + M)  # private: never shifts the caller's draws
-    rows = torch.randperm(N, generator=g)[:_SAMPLE].to(Z.device)
-    cols = torch.randperm(M, generator=g)[:_SAMPLE].to(Z.device)
+    side = max(1, int(math.sqrt(min(_SAMPLE * _SAMPLE, N * M // 16))))  # <= 1/16 of S
+    rows = torch.randperm(N, generator=g)[:side].to(Z.device)
+    cols = torch.randperm(M, generator=g)[:side].to(Z.device)
     s = _scores(Z[:, rows].t() @ X[:, cols], metric, Z[:, rows], X[:, cols]).reshape(-1)
-    if p >= 1 or p * s.numel() < 20:  # too few samples above: start from the floor
+    above = int(p * s.numel())
+    if p >= 1 or above < 20:  # too few samples above: start from the floor
         return floor
-    q = torch.quantile(s.float(), 1.0 - p) if s.numel() <= 16_000_000 else s.max()
-    return max(float(q), floor)
+    return max(float(torch.topk(s, above, sorted=False).values.min()), floor)
 
 
 def _scores(block, metric, zb=None, xb=None, zn2=None, xn2=None):
@@ -111,7 +112,7 @@ def exact_top_pairs(Z: torch.Tensor, X: torch.Tensor, n: int, excluded: torch.Te
     computed, passes = 0, 0
     for tau_start in (tau0, floor):
         passes += 1
-        pool = TopPool(n, excluded, numel, threshold=tau_start, capacity=max(2 * n, 1 << 16))
+        pool = TopPool(n, excluded, numel, threshold=tau_start, capacity=3 * n)
         for r0 in range(0, N, block_rows):
             r1 = min(r0 + block_rows, N)
             tau = pool.threshold
