@@ -433,3 +433,15 @@ def test_dtype_device_and_kind_mismatch():
         sl.SparseLinear(6, 5, torch.tensor([3, 1]))
     with pytest.raises(ValueError, match="outside"):
         sl.SparseLinear(6, 5, torch.tensor([1, 30]))
+
+
+def test_scale_to_active_fan_in_matches_masked_rule():
+    lin = nn.Linear(50, 8)
+    active = random_active(8, 50, 60)
+    sp = sl.SparseLinear.from_dense(lin, active)
+    sp.scale_to_active_fan_in()
+    mask = torch.zeros(8 * 50, dtype=torch.bool)
+    mask[active] = True
+    rows = mask.view(8, 50)
+    expected = lin.weight.detach() * mask.view(8, 50) * (50 / rows.sum(1).clamp(min=1).float()).sqrt()[:, None]
+    torch.testing.assert_close(sp.to_dense_linear().weight.detach(), expected)

@@ -163,6 +163,17 @@ class SparseLinear(nn.Module):
         """Sorted flat indices row * in_features + col, (nnz,)."""
         return self.rows() * self.in_features + self.col
 
+    @torch.no_grad()
+    def scale_to_active_fan_in(self) -> None:
+        """Sparse-aware init: scale each output unit's weights by sqrt(fan_in / active fan_in).
+
+        With default U(-1/sqrt(fan_in), 1/sqrt(fan_in)) weights and only d * fan_in inputs kept,
+        each layer would shrink the signal by sqrt(d); at d = 0.001 a few layers silence it.
+        """
+        per_row = (self.crow[1:] - self.crow[:-1]).clamp(min=1).to(self.values.dtype)
+        scale = (self.in_features / per_row).sqrt()  # (N,)
+        self.values.mul_(scale[self.rows()])
+
     def _set_topology(self, active: torch.Tensor) -> None:
         n, m = self.out_features, self.in_features
         rows = torch.div(active, m, rounding_mode="floor")
@@ -292,6 +303,9 @@ class SparseLinearParam:
             param.grad = grad
         else:
             param.data = new_values
+
+    def scale_init_to_active_fan_in(self) -> None:
+        self.module.scale_to_active_fan_in()
 
     def enforce(self) -> None:
         """Nothing to do: inactive weights are not stored, so they are exactly zero."""
