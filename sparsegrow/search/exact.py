@@ -37,8 +37,11 @@ _MARGIN = 1.5  # aim the initial threshold at margin * n survivors
 
 
 def default_block_bytes(n_rows: int, n_cols: int) -> int:
-    """Bytes of the score block: 1/64 of the dense matrix, between 4 MiB and 32 MiB."""
-    return int(min(max(n_rows * n_cols * 4 // 64, 4 << 20), 32 << 20))
+    """Bytes of the score block: 1/32 of the dense matrix, between 4 MiB and 64 MiB.
+
+    Few large blocks beat many small ones on a shared machine: every multithreaded op waits at
+    a barrier for a thread that another process may have descheduled, so ops are kept few."""
+    return int(min(max(n_rows * n_cols * 4 // 32, 4 << 20), 64 << 20))
 
 
 def score_floor(metric: str) -> float:
