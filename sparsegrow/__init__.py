@@ -9,9 +9,11 @@ from .grow import GROW, GrowContext
 from .schedules import UpdateSchedule
 from .topology import MaskedParam, SparseParam
 from .updater import METHODS, STORAGES, Sparsifier, sparsify
+from .dst import DSTSparsifier, build_dst
+from .layers.dst import DSTConv2d, DSTLinear
 
 __all__ = [
-    "DISTRIBUTIONS", "DROP", "GROW", "METHODS", "STORAGES", "GrowContext", "MaskedParam",
-    "SparseParam", "Sparsifier", "UpdateSchedule", "layer_counts", "layer_densities", "sparsify",
+    "DISTRIBUTIONS", "DROP", "DSTConv2d", "DSTLinear", "DSTSparsifier", "GROW", "METHODS", "STORAGES", "GrowContext", "MaskedParam",
+    "SparseParam", "Sparsifier", "UpdateSchedule", "build_dst", "layer_counts", "layer_densities", "sparsify",
 ]
 __version__ = "0.1.0"

@@ -177,7 +177,8 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool
     summary = {
         "name": cfg.run_name(), "seed": cfg.seed, "dataset": cfg.data.dataset,
         "model": cfg.model.name, "method": cfg.sparsity.method,
-        "target_density": cfg.sparsity.density, "density": rep["global_density"],
+        "target_density": None if cfg.sparsity.method == "dst" else
+        (1.0 if cfg.sparsity.method == "dense" else cfg.sparsity.density), "density": rep["global_density"],
         "layer_density": rep["layers"], "itop": rep["itop"], "epochs": t.epochs, "steps": step,
         "test_acc": test_acc, "test_loss": test_loss, "train_time_s": train_time,
         "update_time_s": rep["update_time_s"], "n_updates": rep["n_updates"],

@@ -13,17 +13,21 @@ COLUMNS = ["model", "method", "density", "distribution", "ΔT", "α", "epochs", 
 
 
 def _row_key(run: dict) -> dict:
+    """The columns that identify a group of runs (all but the seed)."""
     c, s = run["config"], run["summary"]
     sp = c["sparsity"]
-    dynamic = sp["method"] not in ("dense", "static", "dst")
+    method = sp["method"]
+    dynamic = method not in ("dense", "static", "dst")
+    grow = sp.get("grow") or ("search" if method == "search" else None)
     return OrderedDict([
         ("model", c["model"]["name"]),
-        ("method", sp["method"] + (f"/{sp['grow']}" if sp.get("grow") else "")
-         + (f"[{c['search']['backend']},{c['search']['metric']}]" if sp["method"] == "search" else "")),
-        ("density", f"{s['density']:.4g}"),
-        ("distribution", sp["distribution"] if sp["method"] != "dense" else "-"),
+        ("method", method + (f"/{sp['grow']}" if sp.get("grow") else "")
+         + (f"[{c['search']['backend']},{c['search']['metric']}]" if grow == "search" else "")),
+        # DST's density is an outcome, not a setting: it is averaged in the table, not grouped on.
+        ("density", "learned" if method == "dst" else f"{s['density']:.4g}"),
+        ("distribution", sp["distribution"] if method not in ("dense", "dst") else "-"),
         ("ΔT", str(sp["update_every"]) if dynamic else "-"),
-        ("α", f"{sp['fraction']:g}" if dynamic else "-"),
+        ("α", f"{sp['fraction']:g}" if dynamic else (f"{c['dst']['alpha']:g} (L_S)" if method == "dst" else "-")),
         ("epochs", str(c["train"]["epochs"])),
     ])
 
@@ -61,7 +65,10 @@ def grouped_table(runs: list[dict]) -> str:
     rows = []
     for key, members in group_runs(runs).items():
         summ = [m["summary"] for m in members]
-        rows.append([v for _, v in key] + [
+        values = [v for _, v in key]
+        if values[2] == "learned":
+            values[2] = _fmt([s["density"] for s in summ], digits=4)
+        rows.append(values + [
             _fmt([s["train_time_s"] for s in summ], digits=1),
             _fmt([s["update_time_s"] for s in summ]),
             _fmt([s["test_acc"] for s in summ], scale=100),
