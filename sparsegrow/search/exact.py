@@ -37,11 +37,11 @@ _MARGIN = 1.5  # aim the initial threshold at margin * n survivors
 
 
 def default_block_bytes(n_rows: int, n_cols: int) -> int:
-    """Bytes of the score block: 1/32 of the dense matrix, between 4 MiB and 64 MiB.
+    """Bytes of the score block: 1/64 of the dense matrix, between 4 MiB and 32 MiB.
 
     Few large blocks beat many small ones on a shared machine: every multithreaded op waits at
     a barrier for a thread that another process may have descheduled, so ops are kept few."""
-    return int(min(max(n_rows * n_cols * 4 // 32, 4 << 20), 64 << 20))
+    return int(min(max(n_rows * n_cols * 4 // 64, 4 << 20), 32 << 20))
 
 
 def score_floor(metric: str) -> float:
@@ -111,11 +111,23 @@ def exact_top_pairs(Z: torch.Tensor, X: torch.Tensor, n: int, excluded: torch.Te
 
     block_rows = max(1, (block_bytes or default_block_bytes(N, M)) // (4 * M))
     buf = torch.empty(min(block_rows, N) * M, device=Z.device)
+    hit = torch.empty(buf.numel(), dtype=torch.bool, device=Z.device)  # reused: no page faults
     tau0 = _initial_threshold(Z, X, n, excluded, metric, floor) if seed_threshold else floor
     computed, passes = 0, 0
     for tau_start in (tau0, floor):
         passes += 1
         pool = TopPool(n, excluded, numel, threshold=tau_start, capacity=3 * n)
+        pend_idx, pend_val, pending = [], [], 0
+        flush_at = 2 * n + 256  # the threshold rises at each flush (bound pruning needs it)
+
+        def flush():
+            if not pend_idx:
+                return
+            q, v = torch.cat(pend_idx), torch.cat(pend_val)
+            pend_idx.clear(), pend_val.clear()
+            if bound:
+                q = rperm[q // M] * M + cperm[q % M]
+            pool.add(q, v, filtered=True)
         for r0 in range(0, N, block_rows):
             r1 = min(r0 + block_rows, N)
             tau = pool.threshold
@@ -133,14 +145,20 @@ def exact_top_pairs(Z: torch.Tensor, X: torch.Tensor, n: int, excluded: torch.Te
                     xn2=xn2 if xn2 is None else xn2[:c])
             computed += (r1 - r0) * c
             flat_blk = blk.view(-1)
-            pos = torch.nonzero(flat_blk >= tau).squeeze(1)
+            mask = hit[: flat_blk.numel()]
+            torch.ge(flat_blk, tau, out=mask)
+            pos = torch.nonzero(mask).squeeze(1)
             if pos.numel() == 0:
                 continue
-            val = flat_blk[pos]
-            r, cc = pos // c + r0, pos % c
-            if bound:
-                r, cc = rperm[r], cperm[cc]
-            pool.add(r * M + cc, val, filtered=True)
+            # Survivors as flat indices in the permuted order; mapped and checked in batches
+            # (few ops per block: on a shared machine each op waits for a time slice).
+            pend_val.append(flat_blk[pos])
+            pend_idx.append(pos + r0 * M if c == M else (pos // c + r0) * M + pos % c)
+            pending += pos.numel()
+            if pending >= flush_at:
+                flush()
+                pending = 0
+        flush()
         if pool.size >= n or tau_start <= floor:
             break
         # The seeded threshold was too high (rare): search again from the floor.
