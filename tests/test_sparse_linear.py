@@ -445,3 +445,11 @@ def test_scale_to_active_fan_in_matches_masked_rule():
     rows = mask.view(8, 50)
     expected = lin.weight.detach() * mask.view(8, 50) * (50 / rows.sum(1).clamp(min=1).float()).sqrt()[:, None]
     torch.testing.assert_close(sp.to_dense_linear().weight.detach(), expected)
+
+
+def test_searchsorted_sorted_matches_torch():
+    gen = torch.Generator().manual_seed(0)
+    seq = torch.unique(torch.randint(0, 10_000, (3000,), generator=gen))
+    q = torch.sort(torch.randint(-5, 10_005, (1000,), generator=gen)).values
+    assert torch.equal(kernels.searchsorted_sorted(seq, q), torch.searchsorted(seq, q))
+    assert kernels.searchsorted_sorted(seq, q[:0]).numel() == 0

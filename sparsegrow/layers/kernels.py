@@ -136,6 +136,14 @@ void sg_sddmm_##SUF(const int64_t* ptr, const int64_t* idx, const T* A, const T*
 }
 DEF(float, f32)
 DEF(double, f64)
+/* out[i] = #{j : seq[j] < q[i]} for sorted seq and sorted q: a linear merge */
+void sg_rank_sorted(const int64_t* seq, int64_t n, const int64_t* q, int64_t m, int64_t* out) {
+  int64_t j = 0;
+  for (int64_t i = 0; i < m; ++i) {
+    while (j < n && seq[j] < q[i]) ++j;
+    out[i] = j;
+  }
+}
 """
 
 _c = None
@@ -176,6 +184,7 @@ def _c_lib():
     for suf in ("f32", "f64"):
         getattr(lib, f"sg_spmm_{suf}").argtypes = [p, p, p, p, p, i64, i64, i32]
         getattr(lib, f"sg_sddmm_{suf}").argtypes = [p, p, p, p, p, i64, i64, i32]
+    lib.sg_rank_sorted.argtypes = [p, i64, p, i64, p]
     _c = lib
     return _c
 
@@ -220,3 +229,16 @@ def sddmm(ptr: torch.Tensor, idx: torch.Tensor, a: torch.Tensor, b: torch.Tensor
             ptr.numel() - 1, a.shape[1], torch.get_num_threads())
         return out
     return sddmm_torch(ptr, idx, a, b)
+
+
+def searchsorted_sorted(seq: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+    """torch.searchsorted(seq, queries) (left side) for sorted int64 `queries`: a linear merge on
+    CPU, O(len(seq) + len(queries)), instead of a binary search per query (random accesses)."""
+    if (_backend in ("torch", "reference") or seq.device.type != "cpu" or seq.dtype != torch.long
+            or queries.dtype != torch.long or not seq.is_contiguous()
+            or not queries.is_contiguous() or _c_lib() is None):
+        return torch.searchsorted(seq, queries)
+    out = torch.empty_like(queries)
+    _c.sg_rank_sorted(seq.data_ptr(), seq.numel(), queries.data_ptr(), queries.numel(),
+                      out.data_ptr())
+    return out

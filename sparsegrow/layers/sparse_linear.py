@@ -274,18 +274,28 @@ class SparseLinearParam:
         _check_active(grow, self.numel, f"{self.fqn}: grow")
         if init.shape != grow.shape:
             raise ValueError(f"{self.fqn}: init {tuple(init.shape)} must match grow {tuple(grow.shape)}")
-        dropped = isin_sorted(active, torch.sort(drop).values)
-        if int(dropped.sum()) != torch.unique(drop).numel():
+        # Every search below has the (small) drop/grow sets as queries: O(n log nnz), not
+        # O(nnz log n); the merge itself is linear.
+        if drop.numel() > 1 and not bool((drop[1:] > drop[:-1]).all()):
+            drop = torch.unique(drop)  # sorted, deduplicated
+        pos = kernels.searchsorted_sorted(active, drop).clamp_(max=max(active.numel() - 1, 0))
+        if drop.numel() and (active.numel() == 0 or not bool((active[pos] == drop).all())):
             raise ValueError(f"{self.fqn}: drop contains connections that are not active")
-        keep_src = torch.nonzero(~dropped).squeeze(1)
+        kept_mask = torch.ones(active.numel(), dtype=torch.bool, device=dev)
+        kept_mask[pos[: drop.numel()]] = False
+        keep_src = torch.nonzero(kept_mask).squeeze(1)
         kept = active[keep_src]
-        if bool(isin_sorted(grow, kept).any()):
+        # New position of a grown connection: its rank among the grown plus the kept ones below
+        # it; the kept connections fill the remaining positions in order.
+        below = kernels.searchsorted_sorted(kept, grow)
+        if grow.numel() and kept.numel() and bool(
+                (kept[below.clamp(max=kept.numel() - 1)] == grow).any()):
             raise ValueError(f"{self.fqn}: grow contains connections that are already active")
-        # Merge two disjoint sorted sets without sorting: an element's new position is its
-        # own rank plus the number of elements of the other set below it.
         n_new = kept.numel() + grow.numel()
-        keep_dst = torch.arange(kept.numel(), device=dev) + torch.searchsorted(grow, kept)
-        grow_dst = torch.arange(grow.numel(), device=dev) + torch.searchsorted(kept, grow)
+        grow_dst = torch.arange(grow.numel(), device=dev) + below
+        is_grown = torch.zeros(n_new, dtype=torch.bool, device=dev)
+        is_grown[grow_dst] = True
+        keep_dst = torch.nonzero(~is_grown).squeeze(1)
         new_active = torch.empty(n_new, dtype=torch.long, device=dev)
         new_active[keep_dst] = kept
         new_active[grow_dst] = grow
