@@ -9,6 +9,7 @@ from .grow import GROW, GrowContext
 from .schedules import UpdateSchedule
 from .topology import MaskedParam, SparseParam
 from .updater import METHODS, STORAGES, Sparsifier, sparsify
+from . import search_grow  # registers grow criterion and method "search"
 from .dst import DSTSparsifier, build_dst
 from .layers.dst import DSTConv2d, DSTLinear
 

@@ -162,7 +162,8 @@ class Sparsifier:
         self.n_updates = 0
         if self.dynamic and hasattr(self.grow, "attach"):
             self.grow.attach(self.params)
-        self._arm(self._is_update(1))
+        self._last_update = self.schedule.update_steps()[-1] if self.dynamic else 0
+        self._arm(1)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -177,15 +178,21 @@ class Sparsifier:
         stats = self._update(self.step_count) if self._is_update(self.step_count) else None
         for p in self.params:
             p.enforce()
-        self._arm(self._is_update(self.step_count + 1))
+        self._arm(self.step_count + 1)
         return stats
 
     def _is_update(self, step: int) -> bool:
         return self.dynamic and self.schedule.is_update_step(step)
 
-    def _arm(self, on: bool) -> None:
+    def _arm(self, step: int) -> None:
+        """Before the forward/backward of `step`: capture what the grow criterion reads then.
+
+        Signals are captured on update steps only, or on every step of the schedule's window when
+        the criterion accumulates them over the ΔT steps since the last update.
+        """
         if not self.dynamic:
             return
+        on = self._is_update(step)
         if self.grow.needs_dense_grad:
             for p in self.params:
                 if not hasattr(p, "capture_dense_grad"):
@@ -197,7 +204,8 @@ class Sparsifier:
                 if not on:
                     p.dense_grad = None
         if hasattr(self.grow, "arm"):
-            self.grow.arm(on)
+            window = getattr(self.grow, "accumulate", False) and self.schedule.start < step <= self._last_update
+            self.grow.arm(on or window)
 
     # -- the update --------------------------------------------------------------------------
 
@@ -228,6 +236,8 @@ class Sparsifier:
             self.ever_active[p.fqn] = union_sorted(self.ever_active[p.fqn], net_grow)
             layers[p.fqn] = {"dropped": n, "grown": n, "regrown": int(regrown.sum()),
                              "nnz": p.nnz()}
+            # the grow criterion's own instrumentation (search: grow time, recall, quality)
+            layers[p.fqn].update(getattr(self.grow, "last_stats", {}).get(p.fqn, {}))
         if self.params and self.params[0].active().is_cuda:
             torch.cuda.synchronize()  # so time_s measures the work, not the launch
         dt = time.perf_counter() - t0
@@ -300,7 +310,7 @@ class Sparsifier:
         self.n_updates = int(state["n_updates"])
         if "grow" in state and hasattr(self.grow, "load_state_dict"):
             self.grow.load_state_dict(state["grow"])
-        self._arm(self._is_update(self.step_count + 1))
+        self._arm(self.step_count + 1)
 
 
 def sparsify(model: nn.Module, density: float = 0.1, **kwargs) -> Sparsifier:

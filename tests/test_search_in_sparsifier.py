@@ -1,0 +1,40 @@
+"""The search criterion inside the Sparsifier: stats are merged, accumulation sees the whole window."""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import sparsegrow as sg
+
+
+def _run(accumulate, every=4, steps=12):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(30, 40), nn.ReLU(), nn.Linear(40, 5))
+    sp = sg.Sparsifier(model, 0.3, method="search",
+                       schedule=sg.UpdateSchedule(every=every, end=100, fraction=0.2),
+                       grow_kwargs={"backend": "exact", "sketch_dim": 16 if accumulate else 0,
+                                    "accumulate": accumulate})
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    sp.attach(opt)
+    stats = []
+    for t in range(steps):
+        x, y = torch.randn(8, 30), torch.randint(0, 5, (8,))
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        s = sp.step()
+        if s:
+            stats.append(s)
+    return stats
+
+
+def test_search_stats_are_merged_per_layer():
+    stats = _run(accumulate=False)
+    assert [s["step"] for s in stats] == [4, 8, 12]
+    layer = stats[0]["layers"]["0.weight"]
+    assert {"grow_time_s", "recall", "quality"} <= set(layer)
+    assert layer["recall"] == 1.0 and layer["signal_steps"] == 1  # exact search, update step only
+
+
+def test_accumulate_arms_every_step_of_the_window():
+    stats = _run(accumulate=True, every=4)
+    assert [s["layers"]["0.weight"]["signal_steps"] for s in stats] == [4, 4, 4]
