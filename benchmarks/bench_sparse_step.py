@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 B = 128
+SEARCH_MAX_NUMEL = 1 << 28  # exact search grow scores all N*M pairs (blocked): up to 16384^2
 
 
 def rss_bytes(field: str = "VmRSS") -> int:
@@ -41,8 +42,13 @@ def rss_bytes(field: str = "VmRSS") -> int:
     raise RuntimeError(field)
 
 
-def one(kind: str, width: int, density: float, optim: str, repeats: int, threads: int) -> dict:
+def one(kind: str, width: int, density: float, optim: str, repeats: int, threads: int,
+        args_search: bool = True) -> dict:
     import sparsegrow  # noqa: F401
+    try:
+        import sparsegrow.search_grow  # noqa: F401  (registers grow "search")
+    except ImportError:
+        pass
     from sparsegrow.drop import DROP
     from sparsegrow.grow import GROW, GrowContext
     from sparsegrow.layers import sparse_linear as sl
@@ -50,7 +56,7 @@ def one(kind: str, width: int, density: float, optim: str, repeats: int, threads
 
     torch.set_num_threads(threads)
     if width > 256:  # page in the code and thread pools of these ops before the baseline
-        one(kind, 256, density, optim, 1, threads)
+        one(kind, 256, density, optim, 1, threads, args_search=False)
     gen = torch.Generator().manual_seed(0)
     n = m = width
     x = torch.randn(B, m, generator=gen).requires_grad_()  # dX is computed, as for a hidden layer
@@ -103,17 +109,19 @@ def one(kind: str, width: int, density: float, optim: str, repeats: int, threads
                                        (layer.values, layer.crow, layer.col, layer.ccol,
                                         layer.row_t, layer.perm))
     if kind in ("sparse", "masked"):
-        drop_c, grow_c = DROP.get("magnitude")(), GROW.get("random")()
+        drop_c = DROP.get("magnitude")()
+        grows = {"random": GROW.get("random")()}
+        if args_search and "search" in GROW.names() and n * m <= SEARCH_MAX_NUMEL:
+            # exact search grow reads X and dZ captured by hooks during an armed step
+            grows["search"] = GROW.get("search")(backend="exact", measure="off")
+            grows["search"].attach([view])
         update_times = {}
-        grows = {"random": grow_c}
-        if "search" in GROW.names():
-            try:
-                grows["search"] = GROW.get("search")()
-            except Exception as e:  # noqa: BLE001 - report, do not fail the benchmark
-                out["search_error"] = repr(e)
         for name, grow in grows.items():
             ts = []
             for _ in range(3):
+                if hasattr(grow, "arm"):
+                    grow.arm(True)
+                    step()  # the update step's forward/backward captures the signal
                 t0 = time.perf_counter()
                 with torch.no_grad():
                     a = view.active()
@@ -124,6 +132,8 @@ def one(kind: str, width: int, density: float, optim: str, repeats: int, threads
                     g = grow.select(GrowContext(view, a[keep], 1), k, gen)
                     view.update(a[pos], g, torch.zeros(k), optimizer)
                 ts.append(time.perf_counter() - t0)
+                if hasattr(grow, "arm"):
+                    grow.arm(False)
             update_times[name] = statistics.median(ts)
         out["update_s"] = update_times
     return out
@@ -147,18 +157,20 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--max-dense-gib", type=float, default=8.0)
     ap.add_argument("--max-sparse-gib", type=float, default=8.0)
+    ap.add_argument("--no-search", action="store_true", help="skip exact search grow")
     ap.add_argument("--json", help="also write all results here")
     ap.add_argument("--one", nargs=3, metavar=("KIND", "WIDTH", "DENSITY"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
         kind, width, density = args.one
         print(json.dumps(one(kind, int(width), float(density), args.optim, args.repeats,
-                             args.threads)))
+                             args.threads, not args.no_search)))
         return
 
     def run(kind, width, density):
         cmd = [sys.executable, __file__, "--one", kind, str(width), str(density),
                "--optim", args.optim, "--repeats", str(args.repeats), "--threads", str(args.threads)]
+        cmd += ["--no-search"] if args.no_search else []
         res = subprocess.run(cmd, capture_output=True, text=True)
         if res.returncode != 0:
             print(res.stderr[-2000:], file=sys.stderr)

@@ -11,6 +11,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import sparsegrow
 from sparsegrow.drop import DROP
+
+try:
+    import sparsegrow.search_grow  # noqa: F401  (registers grow "search" where it exists)
+except ImportError:
+    pass
 from sparsegrow.grow import GROW, GrowContext
 from sparsegrow.layers import kernels
 from sparsegrow.layers import sparse_linear as sl
