@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 B = 128
+FUSED = False  # --fused
 SEARCH_MAX_NUMEL = 1 << 28  # exact search grow scores all N*M pairs (blocked): up to 16384^2
 
 
@@ -75,10 +76,11 @@ def one(kind: str, width: int, density: float, optim: str, repeats: int, threads
             active = sample_inactive(n * m, torch.empty(0, dtype=torch.long), nnz, gen)
             view = MaskedParam("w", layer, "weight", active)
             del active
+    fused = {"fused": True} if FUSED else {}  # fused: no per-step temporaries of the state's size
     if optim == "adam":
-        optimizer = torch.optim.Adam(layer.parameters(), lr=1e-3)
+        optimizer = torch.optim.Adam(layer.parameters(), lr=1e-3, **fused)
     else:
-        optimizer = torch.optim.SGD(layer.parameters(), lr=1e-2, momentum=0.9)
+        optimizer = torch.optim.SGD(layer.parameters(), lr=1e-2, momentum=0.9, **fused)
 
     def step():
         optimizer.zero_grad()
@@ -158,9 +160,16 @@ def main() -> None:
     ap.add_argument("--max-dense-gib", type=float, default=8.0)
     ap.add_argument("--max-sparse-gib", type=float, default=8.0)
     ap.add_argument("--no-search", action="store_true", help="skip exact search grow")
+    ap.add_argument("--fused", action="store_true", help="fused optimizer kernels (all storages)")
+    ap.add_argument("--kinds", nargs="+", default=["dense", "masked", "sparse"])
+    ap.add_argument("--live-memory", action="store_true",
+                    help="run with MALLOC_MMAP_THRESHOLD_=65536 so freed buffers go back to the OS "
+                         "and the resident set is the live memory (timings are then slower)")
     ap.add_argument("--json", help="also write all results here")
     ap.add_argument("--one", nargs=3, metavar=("KIND", "WIDTH", "DENSITY"), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    global FUSED
+    FUSED = args.fused
     if args.one:
         kind, width, density = args.one
         print(json.dumps(one(kind, int(width), float(density), args.optim, args.repeats,
@@ -171,14 +180,19 @@ def main() -> None:
         cmd = [sys.executable, __file__, "--one", kind, str(width), str(density),
                "--optim", args.optim, "--repeats", str(args.repeats), "--threads", str(args.threads)]
         cmd += ["--no-search"] if args.no_search else []
-        res = subprocess.run(cmd, capture_output=True, text=True)
+        cmd += ["--fused"] if args.fused else []
+        if kind not in args.kinds:
+            return None
+        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536") if args.live_memory else None
+        res = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if res.returncode != 0:
             print(res.stderr[-2000:], file=sys.stderr)
             return None
         return json.loads(res.stdout.strip().splitlines()[-1])
 
     from sparsegrow.layers import kernels
-    print(f"# bench_sparse_step: B={B}, optimizer={args.optim}, threads={args.threads}, "
+    print(f"# bench_sparse_step: B={B}, optimizer={args.optim}{' (fused)' if args.fused else ''}, "
+          f"threads={args.threads}, live memory={args.live_memory}, "
           f"repeats={args.repeats} (median), torch {torch.__version__}, "
           f"kernels={kernels.get_backend()} (C available: {kernels._c_lib() is not None})")
     print()

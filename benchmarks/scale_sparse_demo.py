@@ -14,6 +14,7 @@ Prints test accuracy per epoch, time per epoch and the peak resident memory (VmH
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import time
 from unittest import mock
@@ -50,7 +51,8 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--lr", type=float, default=0.05)
-    ap.add_argument("--grow", default="random")
+    ap.add_argument("--grow", default="random", help="random (SET) or search")
+    ap.add_argument("--grow-kwargs", default="{}", help='JSON, e.g. {"backend": "faiss-hnsw"}')
     ap.add_argument("--update-every", type=int, default=200)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--train-subset", type=int, default=None)
@@ -69,9 +71,11 @@ def main() -> None:
                                          fraction=0.3, decay="cosine")
     t0 = time.perf_counter()
     with mock.patch.object(updater, "sample_inactive", _cpu_sampler):
+        if args.grow == "search":
+            importlib.import_module("sparsegrow.search_grow")  # registers grow "search"
         sp = sparsegrow.sparsify(model, args.density, method="set", grow=args.grow,
-                                 storage="sparse", schedule=schedule, allow_regrow=False,
-                                 seed=args.seed)
+                                 grow_kwargs=json.loads(args.grow_kwargs), storage="sparse",
+                                 schedule=schedule, allow_regrow=False, seed=args.seed)
     for p in sp.params:  # sparse-aware init (the Sparsifier's sparse_init is masked-only today)
         p.scale_init_to_active_fan_in()
     build_s = time.perf_counter() - t0
