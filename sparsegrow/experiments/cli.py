@@ -2,8 +2,8 @@
 
     sparsegrow train CONFIG [key=value ...] [--run-dir DIR] [--resume] [--no-progress]
     sparsegrow sweep SWEEP [key=value ...] [--smoke] [--dry-run]
-    sparsegrow report RUNS... [--per-run] [--out FILE]
-    sparsegrow plot {density,accuracy,density-acc,time} RUNS... --out FILE.png
+    sparsegrow report RUNS... [--per-run | --thesis] [--out FILE]
+    sparsegrow plot {density,accuracy,density-acc,time,acc-vs-k,recall} RUNS... --out FILE.png
     sparsegrow list
 """
 from __future__ import annotations
@@ -43,7 +43,12 @@ def _cmd_report(args) -> int:
     runs = [load_run(d) for d in find_runs(args.runs)]
     if not runs:
         raise FileNotFoundError(f"no finished runs (summary.json) under {' '.join(args.runs)}")
-    text = runs_table(runs) if args.per_run else grouped_table(runs)
+    if args.thesis:
+        from .thesis import thesis_report
+
+        text = thesis_report(runs)
+    else:
+        text = runs_table(runs) if args.per_run else grouped_table(runs)
     if args.out:
         Path(args.out).write_text(text)
     print(text, end="")
@@ -51,6 +56,7 @@ def _cmd_report(args) -> int:
 
 
 def _cmd_plot(args) -> int:
+    from . import thesis  # noqa: F401  registers the plots acc-vs-k and recall
     from .plots import PLOTS
     from .results import find_runs, load_run
 
@@ -96,10 +102,11 @@ def make_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("report", help="markdown table of finished runs")
     r.add_argument("runs", nargs="+", help="run directories or folders holding runs")
     r.add_argument("--per-run", action="store_true", help="one row per run instead of mean ± std over seeds")
+    r.add_argument("--thesis", action="store_true", help="the thesis's table columns (docs/thesis.md)")
     r.add_argument("--out", help="also write the table to this file")
     r.set_defaults(func=_cmd_report)
     pl = sub.add_parser("plot", help="plot finished runs to a PNG")
-    pl.add_argument("kind", choices=["density", "accuracy", "density-acc", "time"])
+    pl.add_argument("kind", choices=["density", "accuracy", "density-acc", "time", "acc-vs-k", "recall"])
     pl.add_argument("runs", nargs="+", help="run directories or folders holding runs")
     pl.add_argument("--out", required=True, help="output PNG")
     pl.set_defaults(func=_cmd_plot)
