@@ -119,3 +119,21 @@ def test_report_renders_grouped_table(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "| lenet300100 | rigl | 0.02 | erk | 2 | 0.3 | 1 |" in out
     assert out.strip().splitlines()[-1].endswith("| 2 |")  # two seeds in one row
+
+
+@needs_fmnist
+def test_finished_run_from_an_older_config_version_is_still_recognised(tmp_path):
+    import yaml
+
+    args = ["model.name=mlp", "model.kwargs={hidden: [16]}", "train.epochs=1", "data.train_subset=200",
+            "data.test_subset=300", "sparsity.method=static", "train.threads=1"]
+    cfg = load_config(None, args)
+    first = loop.train(cfg, tmp_path / "r", progress=False)
+    assert first["test_acc"] * 300 == round(first["test_acc"] * 300)  # 300 test examples
+    stored = yaml.safe_load((tmp_path / "r/config.yaml").read_text())
+    del stored["search"]["global_threshold"]  # as written before this key existed
+    (tmp_path / "r/config.yaml").write_text(yaml.safe_dump(stored, sort_keys=False))
+    assert loop.train(cfg, tmp_path / "r", resume=True, progress=False) == first
+    changed = load_config(None, args + ["train.lr=0.5"])
+    with pytest.raises(ConfigError, match="different config"):
+        loop.train(changed, tmp_path / "r", resume=True, progress=False)

@@ -57,6 +57,15 @@ def test_sweep_skips_finished_and_resumes_interrupted(tmp_path, monkeypatch):
     assert (out / "set/seed3/summary.json").exists()
 
 
+def test_smoke_seeds_limit_the_smoke_sweep(tmp_path):
+    spec = _write_sweep(tmp_path)
+    spec.write_text(spec.read_text() + "smoke: [train.epochs=1]\nsmoke_seeds: [1]\n")
+    _, jobs = sweep.load_sweep(spec, smoke=True)
+    assert [(j.label, j.seed) for j in jobs] == [("static", 1), ("set", 3)]
+    _, jobs = sweep.load_sweep(spec)
+    assert [(j.label, j.seed) for j in jobs] == [("static", 0), ("static", 1), ("set", 3)]
+
+
 def test_bad_sweep_is_a_clear_error(tmp_path):
     spec = tmp_path / "bad.yaml"
     spec.write_text(f"base: {ROOT / 'configs/fmnist_lenet.yaml'}\nrowz: []\n")

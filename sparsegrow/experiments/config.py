@@ -22,6 +22,7 @@ class DataConfig:
     root: str | None = None  # else $SPARSEGROW_DATA_ROOT, else the data set's default location
     pad_to: int | None = None  # e.g. 32 for WideResNets on 28x28 images
     train_subset: int | None = None  # a seeded subset of the training set
+    test_subset: int | None = None  # the first n test examples (quick runs; reports say so)
     augment: bool = False  # random crop (4 px) + flip, for 32x32 images
 
 
@@ -73,6 +74,8 @@ class SearchConfig:
     metric: str = "abs_ip"
     k_similar: float = 0.15
     bits: float = 1.0
+    global_threshold: bool = True  # False: the thesis's per-query top-k (misses heavy rows)
+    measure: str = "auto"  # recall/quality against exact top-K: auto | exact | sampled | off
 
 
 @dataclass

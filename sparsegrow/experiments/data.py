@@ -105,6 +105,7 @@ def load_dataset(
     pad_to: int | None = None,
     train_subset: int | None = None,
     seed: int = 0,
+    test_subset: int | None = None,
 ) -> DataSplits:
     """Load a registered data set into memory.
 
@@ -137,14 +138,19 @@ def load_dataset(
         keep = torch.randperm(n, generator=g)[:train_subset].sort().values
         train_x, train_y = train_x[keep], train_y[keep]
 
+    test_x_raw, test_y_raw = raw.test_x, raw.test_y
+    if test_subset is not None:  # the first n: the same examples for every seed
+        if not 0 < test_subset <= len(test_y_raw):
+            raise ValueError(f"test_subset={test_subset} for {name}; allowed: 1..{len(test_y_raw)}")
+        test_x_raw, test_y_raw = test_x_raw[:test_subset], test_y_raw[:test_subset]
     train_x = _normalise(train_x, mean, std, pad_to)
-    test_x = _normalise(torch.from_numpy(raw.test_x.astype(np.float32)), mean, std, pad_to)
+    test_x = _normalise(torch.from_numpy(test_x_raw.astype(np.float32)), mean, std, pad_to)
     return DataSplits(
         name=name,
         train_x=train_x,
         train_y=train_y,
         test_x=test_x,
-        test_y=torch.from_numpy(raw.test_y.astype(np.int64)),
+        test_y=torch.from_numpy(test_y_raw.astype(np.int64)),
         num_classes=raw.num_classes,
         input_shape=tuple(train_x.shape[1:]),
         mean=tuple(mean.tolist()),

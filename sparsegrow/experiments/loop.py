@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .build import build_optimizer, build_sparsifier, lr_at
-from .config import Config, ConfigError, dump_config
+from .config import Config, ConfigError, dump_config, from_dict
 from .data import load_dataset, steps_per_epoch
 from .models import build_model
 from .results import MetricsLog, atomic_torch_save, atomic_write_json, atomic_write_text
@@ -60,13 +60,23 @@ def evaluate(model, data, batch_size: int, device) -> tuple[float, float]:
     return loss_sum / n, correct / n
 
 
+def _stored_config(path: Path) -> str:
+    """A run's stored config, re-read with today's defaults for keys added since it ran."""
+    import yaml
+
+    try:
+        return dump_config(from_dict(yaml.safe_load(path.read_text())))
+    except ConfigError:
+        return path.read_text()
+
+
 def train(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool = True) -> dict:
     """Train one run; returns the summary dict (also written to run_dir/summary.json)."""
     run_dir = Path(run_dir)
     ckpt_path = run_dir / "checkpoint.pt"
     resolved = dump_config(cfg)
     has_config = (run_dir / "config.yaml").exists()
-    if resume and has_config and (run_dir / "config.yaml").read_text() != resolved:
+    if resume and has_config and _stored_config(run_dir / "config.yaml") != resolved:
         raise ConfigError(f"run directory {str(run_dir)!r} holds a run of a different config; "
                           "choose another run directory (or delete it)")
     if (run_dir / "summary.json").exists():
@@ -84,7 +94,8 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool
     device = torch.device(t.device)
     torch.manual_seed(cfg.seed)
     data = load_dataset(cfg.data.dataset, root=cfg.data.root, pad_to=cfg.data.pad_to,
-                        train_subset=cfg.data.train_subset, seed=cfg.seed)
+                        train_subset=cfg.data.train_subset, seed=cfg.seed,
+                        test_subset=cfg.data.test_subset)
     spe = steps_per_epoch(len(data.train_y), t.batch_size)
     total_steps = spe * t.epochs
     model = build_model(cfg.model.name, data.input_shape, data.num_classes, **cfg.model.kwargs)

@@ -6,6 +6,7 @@
     seeds: [0, 1, 2]
     overrides: [train.epochs=10]        # applied to every row
     smoke: [train.epochs=1, data.train_subset=512]   # added by --smoke (CI-sized)
+    smoke_seeds: [0]                    # --smoke runs only these seeds (default: all)
     rows:
       - {label: dense, overrides: [sparsity.method=dense]}
       - {label: rigl, overrides: [sparsity.method=rigl], seeds: [0, 1, 2, 3, 4]}
@@ -29,7 +30,8 @@ from tqdm.auto import tqdm
 from .config import ConfigError, load_config
 from .loop import train
 
-SWEEP_KEYS = {"base", "output", "seeds", "overrides", "smoke", "rows", "grid", "description"}
+SWEEP_KEYS = {"base", "output", "seeds", "overrides", "smoke", "smoke_seeds", "rows", "grid",
+              "description"}
 
 
 @dataclass
@@ -78,7 +80,10 @@ def load_sweep(path: str | Path, smoke: bool = False, extra: list[str] = ()) -> 
         if row["label"] in labels:
             raise ConfigError(f"sweep row label {row['label']!r} appears twice")
         labels.add(row["label"])
-        for seed in row.get("seeds", seeds):
+        row_seeds = row.get("seeds", seeds)
+        if smoke and "smoke_seeds" in spec:
+            row_seeds = [s for s in row_seeds if s in spec["smoke_seeds"]] or row_seeds[:1]
+        for seed in row_seeds:
             ov = [*common, *row.get("overrides", []), f"seed={seed}"]
             load_config(base, ov)  # validate every job before any runs
             jobs.append(Job(row["label"], seed, ov, output / _slug(row["label"]) / f"seed{seed}"))
