@@ -1,0 +1,51 @@
+"""Small C/OpenMP kernels built on first use with the system C compiler, loaded with ctypes.
+
+`load(name, source)` compiles `source` once per source version (and machine: -march=native) into
+$SPARSEGROW_CACHE or ~/.cache/sparsegrow, atomically, and returns the ctypes library, or None with
+a warning when no compiler is found or the build fails: every caller keeps a torch fallback.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+_libs: dict[str, ctypes.CDLL | None] = {}
+errors: dict[str, str] = {}
+
+
+def load(name: str, source: str) -> ctypes.CDLL | None:
+    if name in _libs:
+        return _libs[name]
+    _libs[name] = None
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        errors[name] = "no C compiler (cc/gcc) on PATH"
+        return None
+    # The machine is part of the key: the library is built with -march=native.
+    key = f"{source}\n{platform.machine()}\n{platform.processor()}\n{platform.node()}"
+    digest = hashlib.sha1(key.encode()).hexdigest()[:12]
+    cache = Path(os.environ.get("SPARSEGROW_CACHE", Path.home() / ".cache" / "sparsegrow"))
+    lib_path = cache / f"{name}_{digest}.so"
+    try:
+        if not lib_path.exists():
+            cache.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=cache) as tmp:
+                src = Path(tmp) / f"{name}.c"
+                src.write_text(source)
+                out = Path(tmp) / f"{name}.so"
+                subprocess.run([cc, "-O3", "-march=native", "-fopenmp", "-fPIC", "-shared",
+                                str(src), "-o", str(out)], check=True, capture_output=True)
+                os.replace(out, lib_path)  # atomic: concurrent builders do not clash
+        _libs[name] = ctypes.CDLL(str(lib_path))
+    except (OSError, subprocess.CalledProcessError) as e:
+        err = getattr(e, "stderr", b"") or b""
+        errors[name] = f"{e} {err.decode(errors='replace')[-500:]}"
+        warnings.warn(f"sparsegrow: C kernels {name!r} unavailable, using torch ({errors[name]})")
+    return _libs[name]
