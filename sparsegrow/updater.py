@@ -151,6 +151,8 @@ class Sparsifier:
         for (fqn, module, p_name), shape, count in zip(chosen, shapes, counts):
             numel = math.prod(shape)
             device = getattr(module, p_name).device
+            if device.type == "meta":  # a model built on the meta device (truly sparse storage)
+                device = torch.device("cpu")
             active = sample_inactive(numel, torch.empty(0, dtype=torch.long), count,
                                      self.generator, device)
             self.params.append(make(model, fqn, module, p_name, active))
@@ -263,8 +265,11 @@ class Sparsifier:
     def _scale_init_to_active_fan_in(self) -> None:
         """Sparse-aware init: scale each output unit's weights by sqrt(fan_in / active fan_in)."""
         for p in self.params:
+            if hasattr(p, "scale_init_to_active_fan_in"):  # storages that scale themselves
+                p.scale_init_to_active_fan_in()
+                continue
             if not isinstance(p, MaskedParam):
-                raise ValueError("sparse_init scaling is implemented for masked storage only")
+                raise ValueError(f"sparse_init scaling is not implemented for {type(p).__name__}")
             rows = p.mask.view(p.shape[0], -1)
             fan_in = rows.shape[1]
             scale = (fan_in / rows.sum(1).clamp(min=1).float()).sqrt()

@@ -17,7 +17,7 @@ CONFIGS = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "configs").rglob("*.y
                  if str(p.relative_to(ROOT)) not in SWEEPS)
 needs_fmnist = pytest.mark.skipif(not (FASHION_MNIST_DIR / "t10k-labels-idx1-ubyte.gz").exists(),
                                   reason="Fashion-MNIST Debian package not installed")
-SMALL = ["train.epochs=1", "data.train_subset=256", "train.batch_size=64",
+SMALL = ["train.epochs=1", "data.train_subset=256", "data.test_subset=500", "train.batch_size=64",
          "sparsity.update_every=2", "train.threads=2"]
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import platform
+import resource
 import time
 from pathlib import Path
 
@@ -98,9 +99,23 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool
                         test_subset=cfg.data.test_subset)
     spe = steps_per_epoch(len(data.train_y), t.batch_size)
     total_steps = spe * t.epochs
-    model = build_model(cfg.model.name, data.input_shape, data.num_classes, **cfg.model.kwargs)
-    model.to(device)
-    sparsifier = build_sparsifier(cfg, model, spe)
+    if cfg.sparsity.storage == "sparse":
+        # Truly sparse layers: build on the meta device so no dense weight is ever allocated;
+        # the sparsifier replaces the chosen Linear layers, then the rest is materialised.
+        with torch.device("meta"):
+            model = build_model(cfg.model.name, data.input_shape, data.num_classes, **cfg.model.kwargs)
+        sparsifier = build_sparsifier(cfg, model, spe)
+        left = [n for n, p in list(model.named_parameters()) + list(model.named_buffers())
+                if p.is_meta]
+        if left:
+            raise ConfigError(f"sparsity.storage=sparse turns Linear layers into truly sparse ones; "
+                              f"{left[:5]} would stay dense and uninitialised: use a model whose "
+                              "parameters are all in sparse Linear layers, or storage=masked")
+        model.to(device)
+    else:
+        model = build_model(cfg.model.name, data.input_shape, data.num_classes, **cfg.model.kwargs)
+        model.to(device)
+        sparsifier = build_sparsifier(cfg, model, spe)
     optimizer = build_optimizer(cfg, model, sparsifier)
     sparsifier.attach(optimizer)
     extra_loss = getattr(sparsifier, "loss", None)  # DST's sparsity regulariser
@@ -193,7 +208,9 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool
         "layer_density": rep["layers"], "itop": rep["itop"], "epochs": t.epochs, "steps": step,
         "test_acc": test_acc, "test_loss": test_loss, "train_time_s": train_time,
         "update_time_s": rep["update_time_s"], "n_updates": rep["n_updates"],
-        "phases_s": phase_totals, "machine": f"{platform.node()} {platform.machine()} "
+        "phases_s": phase_totals,
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # Linux: KiB
+        "machine": f"{platform.node()} {platform.machine()} "
         f"threads={torch.get_num_threads()} torch={torch.__version__}", "device": str(device),
     }
     atomic_write_json(run_dir / "summary.json", summary)
