@@ -23,15 +23,12 @@ Select one with `set_backend(name)` or the environment variable SPARSEGROW_KERNE
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import os
-import shutil
-import subprocess
-import tempfile
 import warnings
-from pathlib import Path
 
 import torch
+
+from .. import _native
 
 BACKENDS = ("auto", "c", "torch", "reference")
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
@@ -146,47 +143,24 @@ void sg_rank_sorted(const int64_t* seq, int64_t n, const int64_t* q, int64_t m, 
 }
 """
 
-_c = None
 _c_error = None
-_c_tried = False
 
 
 def _c_lib():
-    """The compiled kernels (built once per source version into ~/.cache/sparsegrow), or None."""
-    global _c, _c_error, _c_tried
-    if _c_tried:
-        return _c
-    _c_tried = True
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if cc is None:
-        _c_error = "no C compiler (cc/gcc) on PATH"
+    """The compiled kernels (built once per source version, see `sparsegrow._native`), or None."""
+    global _c_error
+    lib = _native.load("kernels", _C_SOURCE)
+    if lib is None:
+        _c_error = _native.errors.get("kernels")
         return None
-    digest = hashlib.sha1(_C_SOURCE.encode()).hexdigest()[:12]
-    cache = Path(os.environ.get("SPARSEGROW_CACHE", Path.home() / ".cache" / "sparsegrow"))
-    lib_path = cache / f"kernels_{digest}.so"
-    try:
-        if not lib_path.exists():
-            cache.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(dir=cache) as tmp:
-                src = Path(tmp) / "kernels.c"
-                src.write_text(_C_SOURCE)
-                out = Path(tmp) / "kernels.so"
-                subprocess.run([cc, "-O3", "-march=native", "-fopenmp", "-fPIC", "-shared",
-                                str(src), "-o", str(out)], check=True, capture_output=True)
-                os.replace(out, lib_path)  # atomic: concurrent builders do not clash
-        lib = ctypes.CDLL(str(lib_path))
-    except (OSError, subprocess.CalledProcessError) as e:
-        err = getattr(e, "stderr", b"") or b""
-        _c_error = f"{e} {err.decode(errors='replace')[-500:]}"
-        warnings.warn(f"sparsegrow: C kernels unavailable, using torch.sparse ({_c_error})")
-        return None
-    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    for suf in ("f32", "f64"):
-        getattr(lib, f"sg_spmm_{suf}").argtypes = [p, p, p, p, p, i64, i64, i32]
-        getattr(lib, f"sg_sddmm_{suf}").argtypes = [p, p, p, p, p, i64, i64, i32]
-    lib.sg_rank_sorted.argtypes = [p, i64, p, i64, p]
-    _c = lib
-    return _c
+    if not getattr(lib, "_typed", False):
+        p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+        for suf in ("f32", "f64"):
+            getattr(lib, f"sg_spmm_{suf}").argtypes = [p, p, p, p, p, i64, i64, i32]
+            getattr(lib, f"sg_sddmm_{suf}").argtypes = [p, p, p, p, p, i64, i64, i32]
+        lib.sg_rank_sorted.argtypes = [p, i64, p, i64, p]
+        lib._typed = True
+    return lib
 
 
 _SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
