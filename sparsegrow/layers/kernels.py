@@ -185,7 +185,7 @@ def spmm(ptr: torch.Tensor, idx: torch.Tensor, val: torch.Tensor, xt: torch.Tens
         return spmm_reference(ptr, idx, val, xt, n_rows)
     if _use_c(xt, val, ptr, idx):
         out = torch.empty(n_rows, xt.shape[1], dtype=xt.dtype)
-        getattr(_c, f"sg_spmm_{_SUFFIX[xt.dtype]}")(
+        getattr(_c_lib(), f"sg_spmm_{_SUFFIX[xt.dtype]}")(
             ptr.data_ptr(), idx.data_ptr(), val.data_ptr(), xt.data_ptr(), out.data_ptr(),
             n_rows, xt.shape[1], torch.get_num_threads())
         return out
@@ -198,7 +198,7 @@ def sddmm(ptr: torch.Tensor, idx: torch.Tensor, a: torch.Tensor, b: torch.Tensor
         return sddmm_reference(ptr, idx, a, b)
     if _use_c(a, b, ptr, idx):
         out = torch.empty(idx.numel(), dtype=a.dtype)
-        getattr(_c, f"sg_sddmm_{_SUFFIX[a.dtype]}")(
+        getattr(_c_lib(), f"sg_sddmm_{_SUFFIX[a.dtype]}")(
             ptr.data_ptr(), idx.data_ptr(), a.data_ptr(), b.data_ptr(), out.data_ptr(),
             ptr.numel() - 1, a.shape[1], torch.get_num_threads())
         return out
@@ -213,6 +213,6 @@ def searchsorted_sorted(seq: torch.Tensor, queries: torch.Tensor) -> torch.Tenso
             or not queries.is_contiguous() or _c_lib() is None):
         return torch.searchsorted(seq, queries)
     out = torch.empty_like(queries)
-    _c.sg_rank_sorted(seq.data_ptr(), seq.numel(), queries.data_ptr(), queries.numel(),
+    _c_lib().sg_rank_sorted(seq.data_ptr(), seq.numel(), queries.data_ptr(), queries.numel(),
                       out.data_ptr())
     return out
