@@ -25,6 +25,17 @@ def _plt():
     return plt
 
 
+def save(fig, ax, out: Path, grid: bool = True, legend_size: int = 8) -> None:
+    """Finish an axes (grid, legend) and write the figure to `out`."""
+    if grid:
+        ax.grid(alpha=0.3)
+    ax.legend(fontsize=legend_size)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    fig.clf()
+    _plt().close(fig)
+
+
 def _label(key) -> str:
     d = dict(key)
     return f"{d['method']} d={d['density']}"
@@ -42,11 +53,7 @@ def plot_density(runs: list[dict], out: Path) -> None:
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("global density")
     ax.set_yscale("log")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
+    save(fig, ax, out)
 
 
 def plot_accuracy(runs: list[dict], out: Path) -> None:
@@ -63,11 +70,7 @@ def plot_accuracy(runs: list[dict], out: Path) -> None:
                         color=f"C{i % 10}", alpha=0.2)
     ax.set_xlabel("epoch")
     ax.set_ylabel("test accuracy (%)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
+    save(fig, ax, out)
 
 
 def plot_density_accuracy(runs: list[dict], out: Path) -> None:
@@ -87,11 +90,7 @@ def plot_density_accuracy(runs: list[dict], out: Path) -> None:
     ax.set_xscale("log")
     ax.set_xlabel("density")
     ax.set_ylabel("test accuracy (%)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
+    save(fig, ax, out)
 
 
 def plot_time(runs: list[dict], out: Path) -> None:
@@ -110,10 +109,7 @@ def plot_time(runs: list[dict], out: Path) -> None:
         bottom = [b + v for b, v in zip(bottom, vals)]
     ax.set_ylabel("training time (s), median over seeds")
     ax.tick_params(axis="x", rotation=30, labelsize=8)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
+    save(fig, ax, out, grid=False)
 
 
 PLOTS = {"density": plot_density, "accuracy": plot_accuracy, "density-acc": plot_density_accuracy,

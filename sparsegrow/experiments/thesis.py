@@ -33,7 +33,7 @@ import statistics
 from collections import OrderedDict
 from pathlib import Path
 
-from .plots import PLOTS, _plt
+from .plots import PLOTS, _plt, save
 from .report import _markdown
 from .results import read_metrics
 
@@ -224,11 +224,7 @@ def plot_acc_vs_k(runs: list[dict], out: Path) -> None:
     ax.set_xscale("log")
     ax.set_xlabel("K (update fraction)")
     ax.set_ylabel("test accuracy (%), mean ± std over seeds")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
+    save(fig, ax, out, legend_size=7)
 
 
 def recall_curve(run: dict) -> tuple[list[int], list[float]]:
@@ -267,11 +263,7 @@ def plot_recall(runs: list[dict], out: Path, max_points: int = 200) -> None:
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("grow recall (mean over layers)")
     ax.set_ylim(0, 1.05)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
+    save(fig, ax, out, legend_size=7)
 
 
 PLOTS.setdefault("acc-vs-k", plot_acc_vs_k)
