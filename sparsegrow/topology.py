@@ -128,8 +128,8 @@ def sample_inactive(numel: int, excluded: torch.Tensor, k: int, generator: torch
                     device=None) -> torch.Tensor:
     """k distinct flat indices in [0, numel) not in the sorted `excluded`, uniformly at random.
 
-    Returns them sorted. Small or nearly full layers take the complement directly; large ones use
-    rejection sampling (draw, deduplicate, drop excluded, repeat), which never allocates more than
+    Returns them sorted. Small or nearly full layers (or a k near the free count) take the
+    complement directly; otherwise rejection sampling (draw, deduplicate, drop excluded, repeat), which never allocates more than
     O(k) memory. Choosing a random k-subset of the distinct accepted draws keeps it uniform.
     """
     device = device if device is not None else excluded.device
@@ -139,7 +139,9 @@ def sample_inactive(numel: int, excluded: torch.Tensor, k: int, generator: torch
     if k == 0:
         return torch.empty(0, dtype=torch.long, device=device)
     excluded_cpu = excluded.cpu()
-    if numel <= (1 << 22) or n_free < 0.05 * numel:
+    # The complement costs O(numel); rejection costs O(k) draws per round and needs few rounds
+    # unless most free positions are wanted or few are free.
+    if numel <= (1 << 16) or n_free < 0.05 * numel or k > n_free // 2:
         free = torch.ones(numel, dtype=torch.bool)
         free[excluded_cpu] = False
         cand = torch.nonzero(free).squeeze(1)
