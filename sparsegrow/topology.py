@@ -63,7 +63,10 @@ class MaskedParam:
         self.mask.view(-1)[active.to(param.device)] = True
         self.capture_dense_grad = False
         self.dense_grad: torch.Tensor | None = None
-        self._hook = param.register_hook(self._mask_grad)
+        old = getattr(param, "_sparsegrow_hook", None)
+        if old is not None:  # sparsified again: the newest mask alone applies
+            old.remove()
+        self._hook = param._sparsegrow_hook = param.register_hook(self._mask_grad)
         self.enforce()
 
     @property

@@ -358,3 +358,15 @@ def test_sample_inactive_large_layer_uses_no_dense_tensor_and_is_uniform():
     # Uniform over the range: each eighth of [0, numel) gets about 1/8 of the draws.
     counts = torch.bincount(out // (numel // 8), minlength=8).float()
     assert (counts / counts.sum() - 1 / 8).abs().max() < 0.01
+
+
+def test_sparsifying_again_replaces_the_gradient_mask():
+    model = mlp()
+    sg.Sparsifier(model, 0.3, method="static", seed=0)
+    sp = sg.Sparsifier(model, 0.3, method="static", seed=1)  # a new pattern for the same weights
+    x, y = batch(0)
+    F.cross_entropy(model(x), y).backward()
+    for p in sp.params:
+        grad = p.param.grad
+        assert (grad[~p.mask] == 0).all()
+        assert grad[p.mask].abs().sum() > 0  # not also masked by the first, stale pattern
