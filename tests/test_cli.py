@@ -137,3 +137,10 @@ def test_finished_run_from_an_older_config_version_is_still_recognised(tmp_path)
     changed = load_config(None, args + ["train.lr=0.5"])
     with pytest.raises(ConfigError, match="different config"):
         loop.train(changed, tmp_path / "r", resume=True, progress=False)
+
+
+def test_yaml_boolean_words_stay_strings_in_overrides():
+    cfg = load_config(None, ["search.measure=off", "signal.accumulate=true"])
+    assert cfg.search.measure == "off" and cfg.signal.accumulate is True
+    with pytest.raises(ConfigError, match="quote the word"):
+        load_config(None, ["search.measure=false"])

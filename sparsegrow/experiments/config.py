@@ -170,7 +170,9 @@ def _check(value: Any, tp, path: str) -> Any:
     elif tp is list or origin is list:
         if isinstance(value, (list, tuple)):
             return list(value)
-    raise ConfigError(f"{path}: got {value!r} ({type(value).__name__}), expected {_type_name(tp)}")
+    hint = " (YAML reads on/off/yes/no as booleans: quote the word)" if isinstance(value, bool) \
+        and tp is str else ""
+    raise ConfigError(f"{path}: got {value!r} ({type(value).__name__}), expected {_type_name(tp)}{hint}")
 
 
 def _build(cls, data: dict, prefix: str = ""):
@@ -195,10 +197,15 @@ def _merge(base: dict, update: dict) -> dict:
     return out
 
 
+_YAML11_BOOL_WORDS = {"on", "off", "yes", "no", "y", "n"}
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
         raise ConfigError(f"override {text!r} is not of the form key=value (e.g. sparsity.density=0.05)")
     key, raw = text.split("=", 1)
+    if raw.strip().lower() in _YAML11_BOOL_WORDS:  # YAML 1.1 would read "off" as False
+        return key.strip().split("."), raw.strip()
     value = yaml.safe_load(raw) if raw != "" else None
     return key.strip().split("."), value
 
