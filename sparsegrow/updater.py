@@ -240,7 +240,7 @@ class Sparsifier:
                              "nnz": p.nnz()}
             # the grow criterion's own instrumentation (search: grow time, recall, quality)
             layers[p.fqn].update(getattr(self.grow, "last_stats", {}).get(p.fqn, {}))
-        if self.params and self.params[0].active().is_cuda:
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
             torch.cuda.synchronize()  # so time_s measures the work, not the launch
         dt = time.perf_counter() - t0
         self.update_time_s += dt
