@@ -40,6 +40,7 @@ class SparseParam(Protocol):
     def update(self, drop: torch.Tensor, grow: torch.Tensor, init: torch.Tensor,
                optimizer: torch.optim.Optimizer | None) -> None: ...
     def enforce(self) -> None: ...
+    def scale_init_to_active_fan_in(self) -> None: ...
     def state_dict(self) -> dict: ...
     def load_state_dict(self, state: dict) -> None: ...
 
@@ -100,6 +101,13 @@ class MaskedParam:
     @torch.no_grad()
     def enforce(self) -> None:
         self.param.mul_(self.mask)
+
+    @torch.no_grad()
+    def scale_init_to_active_fan_in(self) -> None:
+        """Sparse-aware init: scale each output unit's weights by sqrt(fan_in / active fan_in)."""
+        rows = self.mask.view(self.shape[0], -1)  # (out, in * kh * kw)
+        scale = (rows.shape[1] / rows.sum(1).clamp(min=1).float()).sqrt()
+        self.param.view(self.shape[0], -1).mul_(scale[:, None].to(self.param.dtype))
 
     def remove(self) -> None:
         self._hook.remove()

@@ -261,19 +261,12 @@ class Sparsifier:
         u = torch.rand(idx.numel(), generator=self.generator)
         return ((2 * u - 1) * bound).to(idx.device)
 
-    @torch.no_grad()
     def _scale_init_to_active_fan_in(self) -> None:
-        """Sparse-aware init: scale each output unit's weights by sqrt(fan_in / active fan_in)."""
+        """Sparse-aware init: every storage scales its units by sqrt(fan_in / active fan_in)."""
         for p in self.params:
-            if hasattr(p, "scale_init_to_active_fan_in"):  # storages that scale themselves
-                p.scale_init_to_active_fan_in()
-                continue
-            if not isinstance(p, MaskedParam):
+            if not hasattr(p, "scale_init_to_active_fan_in"):
                 raise ValueError(f"sparse_init scaling is not implemented for {type(p).__name__}")
-            rows = p.mask.view(p.shape[0], -1)
-            fan_in = rows.shape[1]
-            scale = (fan_in / rows.sum(1).clamp(min=1).float()).sqrt()
-            p.param.view(p.shape[0], -1).mul_(scale[:, None].to(p.param.dtype))
+            p.scale_init_to_active_fan_in()
 
     # -- reporting and state -----------------------------------------------------------------
 

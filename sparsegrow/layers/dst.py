@@ -86,6 +86,13 @@ class _Thresholded:
     threshold: nn.Parameter
     threshold_kind: str
 
+    def _adopt(self, dense: nn.Module, threshold: str) -> None:
+        """Share `dense`'s weight and bias Parameters (no copy, no re-init); new thresholds."""
+        self.weight = dense.weight
+        self.bias = dense.bias
+        self._make_threshold(threshold)
+        self.train(dense.training)
+
     def _make_threshold(self, kind: str) -> None:
         shape = threshold_shape(kind, self.weight.shape)
         self.threshold_kind = kind
@@ -139,10 +146,7 @@ class DSTLinear(_Thresholded, nn.Linear):
         threshold_shape(threshold, linear.weight.shape)  # validate before building anything
         layer = cls(linear.in_features, linear.out_features, linear.bias is not None,
                     threshold=threshold, device="meta")
-        layer.weight = linear.weight
-        layer.bias = linear.bias
-        layer._make_threshold(threshold)
-        layer.train(linear.training)
+        layer._adopt(linear, threshold)
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -169,10 +173,7 @@ class DSTConv2d(_Thresholded, nn.Conv2d):
         layer = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
                     conv.padding, conv.dilation, conv.groups, conv.bias is not None,
                     conv.padding_mode, threshold=threshold, device="meta")
-        layer.weight = conv.weight
-        layer.bias = conv.bias
-        layer._make_threshold(threshold)
-        layer.train(conv.training)
+        layer._adopt(conv, threshold)
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
