@@ -27,7 +27,8 @@ import torch
 
 from ..registry import Registry
 from ..selection import select_top
-from ..topology import isin_sorted
+from ..metrics import union_sorted
+from ..topology import isin_sorted, sample_inactive
 
 METRICS = ("ip", "abs_ip", "l2")
 
@@ -80,6 +81,7 @@ class TopPool:
     def __init__(self, n: int, excluded: torch.Tensor, numel: int, threshold: float = -math.inf,
                  capacity: int | None = None):
         self.n = n
+        self.numel = numel
         self.excluded = excluded
         self.threshold = threshold
         self.capacity = max(capacity or 2 * n, n + 1024)
@@ -129,6 +131,21 @@ class TopPool:
         idx, val = self._cat()
         idx, order = torch.sort(idx.long())
         return idx, val[order]
+
+    def result(self, generator: torch.Generator, fill: float = 0.0):
+        """The n best pairs: (sorted flat indices, scores, how many were filled at random).
+
+        If fewer than n pairs were pooled (every pair offered is in the pool), the rest are drawn
+        uniformly among the inactive pairs outside it, with score `fill`."""
+        missing = max(0, self.n - self.size)
+        if not missing:
+            return (*self.select(self.n, generator), 0)
+        idx, val = self.contents()
+        extra = sample_inactive(self.numel, union_sorted(self.excluded, idx), missing, generator,
+                                self.excluded.device)
+        idx, order = torch.sort(torch.cat([idx, extra]))
+        val = torch.cat([val, torch.full((missing,), fill, device=val.device)])[order]
+        return idx, val, missing
 
     def select(self, k: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """The k best pairs (k <= pool size): (sorted flat indices, scores)."""

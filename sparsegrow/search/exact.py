@@ -28,8 +28,6 @@ import math
 
 import torch
 
-from ..topology import sample_inactive
-from ..metrics import union_sorted
 from .base import BACKENDS, TopPool, check_metric
 from .compact import compact_into
 
@@ -187,17 +185,9 @@ def exact_top_pairs(Z: torch.Tensor, X: torch.Tensor, n: int, excluded: torch.Te
         if pool.size >= n or tau_start <= floor:
             break
         # The seeded threshold was too high (rare): search again from the floor.
-    zero_filled = max(0, n - pool.size)
-    if zero_filled:  # every inactive pair with a positive score is in the pool: fill with zeros
-        idx, val = pool.contents()
-        extra = sample_inactive(numel, union_sorted(excluded, idx), zero_filled, generator,
-                                excluded.device)
-        idx = torch.cat([idx, extra])
-        val = torch.cat([val, torch.zeros(zero_filled, device=val.device)])
-        idx, order = torch.sort(idx)
-        val = val[order]
-    else:
-        idx, val = pool.select(n, generator)
+    # If every inactive pair with a positive score is in the pool and that is fewer than n, the
+    # rest are zeros: drawn at random, as dense selection's tie-break among zeros would.
+    idx, val, zero_filled = pool.result(generator, fill=0.0)
     info = {"pairs_computed": computed / max(numel, 1), "passes": passes,
             "zero_filled": zero_filled, "pool_prunes": pool.prunes}
     return idx, val, info

@@ -27,8 +27,6 @@ import math
 
 import torch
 
-from ..metrics import union_sorted
-from ..topology import sample_inactive
 from .base import BACKENDS, TopPool, check_metric, to_l2_base, to_l2_query
 from .exact import _scores, exact_top_pairs
 
@@ -134,15 +132,7 @@ def top_pairs(Z: torch.Tensor, X: torch.Tensor, n: int, excluded: torch.Tensor,
                     j = q[:, None].expand_as(ids).reshape(-1)
                     offer(j, ids.reshape(-1), ip.reshape(-1))
         info["k_mean"] = float(k_q.float().mean())
-    random_filled = max(0, n - pool.size)
-    if random_filled:
-        idx, val = pool.contents()
-        extra = sample_inactive(numel, union_sorted(excluded, idx), random_filled, generator,
-                                excluded.device)
-        idx, order = torch.sort(torch.cat([idx, extra]))
-        val = torch.cat([val, torch.full((random_filled,), -math.inf, device=val.device)])[order]
-    else:
-        idx, val = pool.select(n, generator)
+    idx, val, random_filled = pool.result(generator, fill=-math.inf)
     info["random_filled"] = random_filled
     return idx, val, info
 
