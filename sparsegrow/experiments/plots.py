@@ -44,11 +44,11 @@ def _label(key) -> str:
 def plot_density(runs: list[dict], out: Path) -> None:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 4))
-    for key, members in group_runs(runs).items():
+    for g, (key, members) in enumerate(group_runs(runs).items()):
         for i, run in enumerate(members):
             epochs = [r for r in read_metrics(run["dir"]) if r["kind"] == "epoch"]
             ax.plot([r["step"] for r in epochs], [r["global_density"] for r in epochs],
-                    color=f"C{list(group_runs(runs)).index(key) % 10}", alpha=0.8,
+                    color=f"C{g % 10}", alpha=0.8,
                     label=f"{_label(key)}" if i == 0 else None)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("global density")

@@ -32,7 +32,8 @@ def _row_key(run: dict) -> dict:
     ])
 
 
-def _fmt(values: list[float], scale: float = 1.0, digits: int = 2) -> str:
+def mean_std(values: list[float], scale: float = 1.0, digits: int = 2) -> str:
+    """"mean ± sample std" of values * scale (just the value for one run)."""
     values = [v * scale for v in values]
     if len(values) == 1:
         return f"{values[0]:.{digits}f}"
@@ -54,10 +55,12 @@ def runs_table(runs: list[dict]) -> str:
     return _markdown(["run"] + COLUMNS, [[run["summary"]["name"]] + r for r, run in zip(rows, runs)])
 
 
-def group_runs(runs: list[dict]) -> "OrderedDict[tuple, list[dict]]":
+def group_runs(runs: list[dict], key=None) -> "OrderedDict[tuple, list[dict]]":
+    """Runs grouped by key(run) (default: every table column but the seed), in first-seen order."""
+    key = key or (lambda run: tuple(_row_key(run).items()))
     groups: OrderedDict[tuple, list[dict]] = OrderedDict()
     for run in runs:
-        groups.setdefault(tuple(_row_key(run).items()), []).append(run)
+        groups.setdefault(key(run), []).append(run)
     return groups
 
 
@@ -67,11 +70,11 @@ def grouped_table(runs: list[dict]) -> str:
         summ = [m["summary"] for m in members]
         values = [v for _, v in key]
         if values[2] == "learned":
-            values[2] = _fmt([s["density"] for s in summ], digits=4)
+            values[2] = mean_std([s["density"] for s in summ], digits=4)
         rows.append(values + [
-            _fmt([s["train_time_s"] for s in summ], digits=1),
-            _fmt([s["update_time_s"] for s in summ]),
-            _fmt([s["test_acc"] for s in summ], scale=100),
+            mean_std([s["train_time_s"] for s in summ], digits=1),
+            mean_std([s["update_time_s"] for s in summ]),
+            mean_std([s["test_acc"] for s in summ], scale=100),
             str(len(members)),
         ])
     return _markdown(COLUMNS + ["seeds"], rows)

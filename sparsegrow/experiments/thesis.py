@@ -34,7 +34,7 @@ from collections import OrderedDict
 from pathlib import Path
 
 from .plots import PLOTS, _plt, save
-from .report import _markdown
+from .report import _markdown, group_runs, mean_std
 from .results import read_metrics
 
 MODEL_ORDER = ["basic", "pruned", "pruned + bruteforce", "pruned + faiss", "pruned + lsh", "SET", "RigL"]
@@ -122,20 +122,12 @@ def _num(x: float | None) -> str:
     return "" if x is None else f"{x:g}"
 
 
-def _pm(values: list[float], digits: int = 2) -> str:
-    if len(values) == 1:
-        return f"{values[0]:.{digits}f}"
-    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
-
-
 def _duration(seconds: float) -> str:
     return f"{seconds / 3600:.2f} h" if seconds >= 3600 else f"{seconds:.1f} s"
 
 
 def group(runs: list[dict]) -> "OrderedDict[tuple, list[dict]]":
-    groups: dict[tuple, list[dict]] = {}
-    for run in runs:
-        groups.setdefault(row_key(run), []).append(run)
+    groups = group_runs(runs, key=row_key)
     return OrderedDict(sorted(groups.items(), key=lambda kv: _sort_key(kv[0])))
 
 
@@ -166,7 +158,7 @@ def thesis_table(runs: list[dict]) -> str:
             delta = f"{statistics.mean(accs) - 100 * ref:+.2f}"
         row = [d["Model"], f"{100 * (1 - d['density']):.0f}"]
         row += [d[c] for c in varying if mixed[c]]
-        row += [_num(d["K"]), _num(d["k_similar"]), _num(d["bits"]), _duration(train_s), _pm(accs), delta,
+        row += [_num(d["K"]), _num(d["k_similar"]), _num(d["bits"]), _duration(train_s), mean_std(accs), delta,
                 str(len(members)), f"{share:.1f}" if _is_dynamic(members[0]["config"]) else ""]
         rows.append(row)
     return _markdown(header, rows)
