@@ -23,20 +23,27 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .conv_sketch import conv_sketch_applies, conv_sketch_into
+
 _CHUNK_ROWS = 1 << 16  # rows sketched at once (bounds the unfolded patches held at a time)
 
 
 def sketch_rows(Z: torch.Tensor, X: torch.Tensor, s: int, generator: torch.Generator,
                 out: tuple[torch.Tensor, torch.Tensor] | None = None):
     """Add the random-sign sketch of rows (Z: (R, N), X: (R, M)) into out = (S_z (s, N), S_x (s, M))."""
-    R = Z.shape[0]
     if out is None:
         out = (Z.new_zeros(s, Z.shape[1]), X.new_zeros(s, X.shape[1]))
-    bucket = torch.randint(0, s, (R,), generator=generator).to(Z.device)
-    sign = (torch.randint(0, 2, (R,), generator=generator) * 2 - 1).to(Z.device, Z.dtype)
+    bucket, sign = _hash_rows(Z.shape[0], s, generator, Z.device, Z.dtype)
     out[0].index_add_(0, bucket, Z * sign[:, None])
     out[1].index_add_(0, bucket, X * sign[:, None])
     return out
+
+
+def _hash_rows(R: int, s: int, generator: torch.Generator, device, dtype):
+    """Each of R rows' bucket (R,) in [0, s) and sign (R,) in {-1, +1}, drawn on the CPU generator."""
+    bucket = torch.randint(0, s, (R,), generator=generator).to(device)
+    sign = (torch.randint(0, 2, (R,), generator=generator) * 2 - 1).to(device, dtype)
+    return bucket, sign
 
 
 def _conv_padding(conv: nn.Conv2d) -> tuple[int, int]:
@@ -128,11 +135,30 @@ class LayerSignal:
         g = g.detach()
         self._captured = True
         if self.sketch_dim and (self.accumulate or g.numel() // self.N > self.sketch_dim):
+            if isinstance(self.module, nn.Conv2d) and self._sketch_conv(x, g):
+                return
             for Z, X in self._row_chunks(x, g):
                 self._sketch = sketch_rows(Z.float(), X.float(), self.sketch_dim,
                                            self.generator, self._sketch)
         else:
             self._pairs.append((x, g))
+
+    def _sketch_conv(self, x: torch.Tensor, g: torch.Tensor) -> bool:
+        """Sketch a Conv2d's rows with the fused kernel (no unfolding); False if it does not apply.
+
+        Draws the same buckets and signs, chunk by chunk, as the unfolding path would."""
+        if not conv_sketch_applies(x, g):
+            return False
+        s, P = self.sketch_dim, g.shape[2] * g.shape[3]
+        if self._sketch is None:
+            self._sketch = (g.new_zeros(s, self.N), x.new_zeros(s, self.M))
+        pad = _conv_padding(self.module)
+        per = max(1, _CHUNK_ROWS // max(1, P))
+        for b0 in range(0, x.shape[0], per):
+            xb, gb = x[b0:b0 + per], g[b0:b0 + per]
+            bucket, sign = _hash_rows(gb.shape[0] * P, s, self.generator, g.device, g.dtype)
+            conv_sketch_into(self.module, pad, xb, gb, bucket, sign, self._sketch)
+        return True
 
     def _row_chunks(self, x: torch.Tensor, g: torch.Tensor):
         """(dZ rows, X rows) of one forward, a few samples at a time for Conv2d."""
