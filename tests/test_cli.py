@@ -101,6 +101,7 @@ def test_resume_after_crash_gives_same_masks_and_accuracy(method, tmp_path, monk
     ("train.epochs=ten", "train.epochs: got 'ten'"),
     ("sparsity.update_every=5000", "schedule never fires"),
     ("data.dataset=imagenet", "unknown dataset 'imagenet'"),
+    ("train.eval_every=0", "train.eval_every must be an epoch count >= 1, got 0"),
 ])
 def test_cli_bad_input_is_one_clear_line(override, match, tmp_path, capsys):
     rc = main(["train", str(ROOT / "configs/fmnist_lenet.yaml"), "train.epochs=1", override,
@@ -154,3 +155,14 @@ def test_yaml_boolean_words_stay_strings_in_overrides():
     assert cfg.search.measure == "off" and cfg.signal.accumulate is True
     with pytest.raises(ConfigError, match="quote the word"):
         load_config(None, ["search.measure=false"])
+
+
+@needs_fmnist
+def test_eval_every_skips_test_epochs_but_always_evaluates_the_last(tmp_path):
+    args = ["model.name=mlp", "model.kwargs={hidden: [16]}", "train.epochs=3", "data.train_subset=200",
+            "data.test_subset=300", "sparsity.method=static", "train.threads=1", "train.eval_every=2"]
+    summary = loop.train(load_config(None, args), tmp_path / "r", progress=False)
+    epochs = [json.loads(line) for line in (tmp_path / "r/metrics.jsonl").read_text().splitlines()]
+    accs = [r["test_acc"] for r in epochs if r["kind"] == "epoch"]
+    assert [a is None for a in accs] == [True, False, False]  # epoch 2 (every 2nd) and 3 (last)
+    assert summary["test_acc"] == accs[-1]

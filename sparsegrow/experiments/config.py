@@ -45,6 +45,7 @@ class TrainConfig:
     warmup_epochs: int = 0
     label_smoothing: float = 0.0
     threads: int | None = None  # torch.set_num_threads; None leaves torch's default
+    eval_every: int = 1  # evaluate on the test set every n epochs; the last epoch always is
     device: str = "cpu"  # cpu | cuda | cuda:N
 
 
@@ -244,6 +245,8 @@ def validate(cfg: Config) -> None:
     t, s = cfg.train, cfg.sparsity
     if t.epochs < 1:
         raise ConfigError(f"train.epochs must be >= 1, got {t.epochs}")
+    if t.eval_every < 1:
+        raise ConfigError(f"train.eval_every must be an epoch count >= 1, got {t.eval_every}")
     if t.batch_size < 1:
         raise ConfigError(f"train.batch_size must be >= 1, got {t.batch_size}")
     if t.optimizer not in ("sgd", "adam", "adamw"):

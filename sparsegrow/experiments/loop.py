@@ -173,7 +173,10 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool
             bar.close()
             train_time += time.perf_counter() - epoch_t0
             phase_totals = timer.totals
-            test_loss, test_acc = evaluate(model, data, t.batch_size, device)
+            if (epoch + 1) % t.eval_every == 0 or epoch + 1 == t.epochs:
+                test_loss, test_acc = evaluate(model, data, t.batch_size, device)
+            else:  # logged as null: not measured this epoch
+                test_loss = test_acc = None
             rep = sparsifier.report()
             record = {
                 "kind": "epoch", "epoch": epoch + 1, "step": step, "lr": lr_at(cfg, step - 1, total_steps, spe),
@@ -186,7 +189,8 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool
             log.write(record)
             if progress:
                 tqdm.write(f"epoch {epoch + 1}/{t.epochs}  train loss {record['train_loss']:.4f}  "
-                           f"acc {record['train_acc']:.4f}  test acc {test_acc:.4f}  "
+                           f"acc {record['train_acc']:.4f}  test acc "
+                           f"{'-' if test_acc is None else f'{test_acc:.4f}'}  "
                            f"density {rep['global_density']:.4f}  itop {rep['itop']:.4f}")
             if (epoch + 1) % cfg.output.checkpoint_every == 0 or epoch + 1 == t.epochs:
                 log_len = log.commit()

@@ -60,11 +60,13 @@ def plot_accuracy(runs: list[dict], out: Path) -> None:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 4))
     for i, (key, members) in enumerate(group_runs(runs).items()):
-        curves = [[r["test_acc"] for r in read_metrics(m["dir"]) if r["kind"] == "epoch"] for m in members]
+        # (epoch, accuracy) of the evaluated epochs (train.eval_every may skip some)
+        curves = [[(r["epoch"], r["test_acc"]) for r in read_metrics(m["dir"])
+                   if r["kind"] == "epoch" and r["test_acc"] is not None] for m in members]
         n = min(map(len, curves))
-        mean = [statistics.mean(c[e] for c in curves) * 100 for e in range(n)]
-        sd = [statistics.stdev(c[e] for c in curves) * 100 if len(curves) > 1 else 0 for e in range(n)]
-        xs = list(range(1, n + 1))
+        xs = [e for e, _ in curves[0][:n]]
+        mean = [statistics.mean(c[e][1] for c in curves) * 100 for e in range(n)]
+        sd = [statistics.stdev(c[e][1] for c in curves) * 100 if len(curves) > 1 else 0 for e in range(n)]
         ax.plot(xs, mean, color=f"C{i % 10}", label=_label(key))
         ax.fill_between(xs, [m - s for m, s in zip(mean, sd)], [m + s for m, s in zip(mean, sd)],
                         color=f"C{i % 10}", alpha=0.2)
