@@ -151,7 +151,8 @@ class SearchGrow:
                                  self.backend_options)
         sync()
         stats = {"grow_time_s": time.perf_counter() - t0, "signal_rows": Z.shape[0],
-                 "signal_steps": signal.last_steps, "backend": self.backend}
+                 "signal_steps": signal.last_steps, "backend": self.backend,
+                 "signal_time_s": signal.last_time_s}  # in backward hooks, not in grow_time_s
         stats.update({f"search_{k}": v for k, v in info.items()})
         t1 = time.perf_counter()
         stats.update(self._measure(Z, X, idx, n, excluded))

@@ -18,6 +18,7 @@ s = 1 is GSE's single-row estimate (Heddes et al., "Guided stochastic exploratio
 from __future__ import annotations
 
 import math
+import time
 
 import torch
 import torch.nn.functional as F
@@ -109,6 +110,7 @@ class LayerSignal:
         self._sketch: tuple[torch.Tensor, torch.Tensor] | None = None
         self.steps = 0  # arm periods that captured something, since the last rows()
         self._captured = False
+        self.time_s = 0.0  # wall time in the gradient hook (sketching) since the last rows()
         self._handle = module.register_forward_hook(self._on_forward)
 
     def remove(self) -> None:
@@ -124,6 +126,7 @@ class LayerSignal:
 
     def reset(self) -> None:
         self._pairs, self._sketch, self.steps, self._captured = [], None, 0, False
+        self.time_s = 0.0
 
     def _on_forward(self, module, args, output) -> None:
         if not self.armed or not torch.is_tensor(output) or not output.requires_grad:
@@ -132,7 +135,13 @@ class LayerSignal:
         output.register_hook(lambda g, x=x: self._on_grad(x, g))
 
     def _on_grad(self, x: torch.Tensor, g: torch.Tensor) -> None:
-        g = g.detach()
+        t0 = time.perf_counter()
+        try:
+            self._capture(x, g.detach())
+        finally:
+            self.time_s += time.perf_counter() - t0
+
+    def _capture(self, x: torch.Tensor, g: torch.Tensor) -> None:
         self._captured = True
         if self.sketch_dim and (self.accumulate or g.numel() // self.N > self.sketch_dim):
             if isinstance(self.module, nn.Conv2d) and self._sketch_conv(x, g):
@@ -190,9 +199,9 @@ class LayerSignal:
             Xs.append(self._sketch[1])
         self.steps += int(self._captured)
         self._captured = False
-        steps = self.steps
+        steps, spent = self.steps, self.time_s
         self.reset()
-        self.last_steps = steps
+        self.last_steps, self.last_time_s = steps, spent
         Z = Zs[0] if len(Zs) == 1 else torch.cat(Zs)
         X = Xs[0] if len(Xs) == 1 else torch.cat(Xs)
         return Z, X

@@ -95,18 +95,49 @@ def plot_density_accuracy(runs: list[dict], out: Path) -> None:
     save(fig, ax, out)
 
 
+_PHASES = ("forward", "backward", "grow signal", "optimizer", "search", "recall measure", "apply",
+           "update")
+
+
+def phase_breakdown(run: dict) -> dict[str, float]:
+    """Training time of one run split by phase (s): the loop's forward / backward / optimizer /
+    update, with search grow's own timings (per update and layer, in metrics.jsonl) taken out:
+    the signal hooks' time out of backward ("grow signal"), and the update split into "search",
+    "recall measure" and the rest ("apply": drop, mask and optimizer-state updates). Runs
+    without those timings (other methods, older runs) keep "update" whole."""
+    phases = dict(run["summary"]["phases_s"])
+    signal = search = measure = 0.0
+    has_signal = has_search = False
+    for rec in read_metrics(run["dir"]):
+        if rec.get("kind") != "update":
+            continue
+        for layer in rec.get("layers", {}).values():
+            has_signal |= "signal_time_s" in layer
+            has_search |= "grow_time_s" in layer
+            signal += layer.get("signal_time_s", 0.0)
+            search += layer.get("grow_time_s", 0.0)
+            measure += layer.get("measure_time_s", 0.0)
+    if has_signal:
+        phases["backward"] = phases.get("backward", 0.0) - signal
+        phases["grow signal"] = signal
+    if has_search and "update" in phases:
+        update = phases.pop("update")
+        phases["search"], phases["recall measure"] = search, measure
+        phases["apply"] = max(0.0, update - search - measure)
+    return phases
+
+
 def plot_time(runs: list[dict], out: Path) -> None:
     plt = _plt()
     groups = group_runs(runs)
-    phases = sorted({p for members in groups.values() for m in members for p in m["summary"]["phases_s"]},
-                    key=lambda p: ["forward", "backward", "optimizer", "update"].index(p)
-                    if p in ("forward", "backward", "optimizer", "update") else 99)
+    per_group = [[phase_breakdown(m) for m in members] for members in groups.values()]
+    present = {p for runs_ in per_group for b in runs_ for p in b}
+    phases = sorted(present, key=lambda p: _PHASES.index(p) if p in _PHASES else 99)
     fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(groups)), 4))
     labels = [_label(k) for k in groups]
     bottom = [0.0] * len(groups)
     for j, phase in enumerate(phases):
-        vals = [statistics.median(m["summary"]["phases_s"].get(phase, 0.0) for m in members)
-                for members in groups.values()]
+        vals = [statistics.median(b.get(phase, 0.0) for b in runs_) for runs_ in per_group]
         ax.bar(labels, vals, bottom=bottom, label=phase, color=f"C{j % 10}")
         bottom = [b + v for b, v in zip(bottom, vals)]
     ax.set_ylabel("training time (s), median over seeds")
