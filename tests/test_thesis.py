@@ -156,3 +156,11 @@ def test_time_breakdown_takes_search_and_signal_out_of_update_and_backward(tmp_p
                                 "train.epochs=1", "sparsity.method=set", "sparsity.update_every=4", "train.threads=1"])
     train(static, tmp_path / "s", progress=False)
     assert set(phase_breakdown(load_run(tmp_path / "s"))) == {"forward", "backward", "optimizer", "update"}
+
+
+def test_runs_repeated_across_tables_count_once():
+    # table 3.2 reruns 3.1's pruned at seed 0: plotted together, that seed must not count twice
+    runs = [load_run(d) for d in find_runs([FIXTURE])]
+    once = {k: len(v) for k, v in thesis.group(runs).items()}
+    assert {k: len(v) for k, v in thesis.group(runs + [dict(r) for r in runs]).items()} == once
+    assert max(once.values()) == 2  # the fixture's two-seed rows stay two

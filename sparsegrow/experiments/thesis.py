@@ -127,7 +127,16 @@ def _duration(seconds: float) -> str:
 
 
 def group(runs: list[dict]) -> "OrderedDict[tuple, list[dict]]":
-    groups = group_runs(runs, key=row_key)
+    """Runs by row, in the thesis's order. A run whose row and seed another run already has is
+    left out: tables repeat their baselines (3.2 and 3.4 rerun 3.1's pruned at seed 0), and
+    plotting several tables together must not count that seed twice."""
+    seen, unique = set(), []
+    for run in runs:
+        k = (row_key(run), run["config"]["seed"])
+        if k not in seen:
+            seen.add(k)
+            unique.append(run)
+    groups = group_runs(unique, key=row_key)
     return OrderedDict(sorted(groups.items(), key=lambda kv: _sort_key(kv[0])))
 
 
@@ -190,19 +199,25 @@ def _mean_sd(values: list[float]) -> tuple[float, float]:
 
 
 def plot_acc_vs_k(runs: list[dict], out: Path) -> None:
-    """Test accuracy vs K, one line per (model, ΔT, k_similar, bits); dense and static as levels."""
+    """Test accuracy vs K, one line per (model, ΔT, k_similar, bits, and metric and sketch size
+    where they vary); dense and static as levels."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     lines: dict[str, list] = {}
     levels = []
-    for key, members in group(runs).items():
+    groups = group(runs)
+    # the metric and sketch size name a line only where the plotted runs mix them
+    varies = {f for f in ("metric", "sketch")
+              if len({dict(k)[f] for k in groups if dict(k)[f]}) > 1}
+    for key, members in groups.items():
         d = dict(key)
         acc, sd = _mean_sd([100 * m["summary"]["test_acc"] for m in members])
         if d["K"] is None:
             levels.append((f"{d['Model']} ({100 * (1 - d['density']):.0f}%)", acc, sd))
             continue
         name = f"{d['Model']} ΔT={d['ΔT']}" + (f" ks={d['k_similar']:g}" if d["k_similar"] else "") \
-            + (f" bits={d['bits']:g}" if d["bits"] else "")
+            + (f" bits={d['bits']:g}" if d["bits"] else "") \
+            + "".join(f" {f}={d[f]}" for f in sorted(varies) if d[f])
         lines.setdefault(name, []).append((d["K"], acc, sd))
     for i, (name, pts) in enumerate(lines.items()):
         pts.sort()
