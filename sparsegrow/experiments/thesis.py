@@ -198,6 +198,18 @@ def _mean_sd(values: list[float]) -> tuple[float, float]:
     return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
+def _varying(groups) -> set[str]:
+    """The row fields (metric, sketch size) that the plotted runs mix: only those name a line."""
+    return {f for f in ("metric", "sketch") if len({dict(k)[f] for k in groups if dict(k)[f]}) > 1}
+
+
+def _line_name(d: dict, varies: set[str], with_k: bool = False) -> str:
+    return f"{d['Model']}" + (f" K={d['K']:g}" if with_k else "") + f" ΔT={d['ΔT']}" \
+        + (f" ks={d['k_similar']:g}" if d["k_similar"] else "") \
+        + (f" bits={d['bits']:g}" if d["bits"] else "") \
+        + "".join(f" {f}={d[f]}" for f in sorted(varies) if d[f])
+
+
 def plot_acc_vs_k(runs: list[dict], out: Path) -> None:
     """Test accuracy vs K, one line per (model, ΔT, k_similar, bits, and metric and sketch size
     where they vary); dense and static as levels."""
@@ -206,19 +218,14 @@ def plot_acc_vs_k(runs: list[dict], out: Path) -> None:
     lines: dict[str, list] = {}
     levels = []
     groups = group(runs)
-    # the metric and sketch size name a line only where the plotted runs mix them
-    varies = {f for f in ("metric", "sketch")
-              if len({dict(k)[f] for k in groups if dict(k)[f]}) > 1}
+    varies = _varying(groups)
     for key, members in groups.items():
         d = dict(key)
         acc, sd = _mean_sd([100 * m["summary"]["test_acc"] for m in members])
         if d["K"] is None:
             levels.append((f"{d['Model']} ({100 * (1 - d['density']):.0f}%)", acc, sd))
             continue
-        name = f"{d['Model']} ΔT={d['ΔT']}" + (f" ks={d['k_similar']:g}" if d["k_similar"] else "") \
-            + (f" bits={d['bits']:g}" if d["bits"] else "") \
-            + "".join(f" {f}={d[f]}" for f in sorted(varies) if d[f])
-        lines.setdefault(name, []).append((d["K"], acc, sd))
+        lines.setdefault(_line_name(d, varies), []).append((d["K"], acc, sd))
     for i, (name, pts) in enumerate(lines.items()):
         pts.sort()
         ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts],
@@ -250,7 +257,9 @@ def plot_recall(runs: list[dict], out: Path, max_points: int = 200) -> None:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     drawn = 0
-    for i, (key, members) in enumerate(group(runs).items()):
+    groups = group(runs)
+    varies = _varying(groups)
+    for i, (key, members) in enumerate(groups.items()):
         curves = [recall_curve(m) for m in members]
         curves = [c for c in curves if c[0]]
         if not curves:
@@ -260,10 +269,8 @@ def plot_recall(runs: list[dict], out: Path, max_points: int = 200) -> None:
         idx = list(range(0, n, stride))
         xs = [curves[0][0][j] for j in idx]
         mean = [statistics.mean(c[1][j] for c in curves) for j in idx]
-        d = dict(key)
-        name = f"{d['Model']} K={d['K']:g} ΔT={d['ΔT']}" + (f" ks={d['k_similar']:g}" if d["k_similar"] else "") \
-            + (f" bits={d['bits']:g}" if d["bits"] else "")
-        ax.plot(xs, mean, color=f"C{i % 10}", linestyle=["-", "--", ":"][i // 10 % 3], label=name)
+        ax.plot(xs, mean, color=f"C{i % 10}", linestyle=["-", "--", ":"][i // 10 % 3],
+                label=_line_name(dict(key), varies, with_k=True))
         drawn += 1
     if not drawn:
         ax.text(0.5, 0.5, "no update records with recall", ha="center", transform=ax.transAxes)
