@@ -15,7 +15,9 @@ n = round(f(t) * nnz); drop the n chosen by the drop criterion; grow n chosen by
 among connections that are not active after the drop. A connection that is dropped and grown in
 the same update ("regrown", only when `allow_regrow`, RigL's convention) keeps its weight and its
 optimizer state, as if never dropped; it is counted in the stats. With allow_regrow=False the
-just-dropped connections are excluded from growth (SET's convention).
+just-dropped connections are excluded from growth (SET's convention). Weights named in `fixed`
+stay sparse with their first pattern: updates (and the grow criterion's hooks) skip them, as the
+thesis kept its classifier sparse but updated only the conv layers.
 """
 from __future__ import annotations
 
@@ -106,6 +108,7 @@ class Sparsifier:
         grow_kwargs: dict | None = None,
         include: Iterable[str] | Callable[[nn.Module, str], bool] | None = None,
         dense_layers: Iterable[str] = (),
+        fixed: Iterable[str] = (),
         allow_regrow: bool = True,
         grow_init: str = "zero",
         sparse_init: bool = False,
@@ -142,6 +145,11 @@ class Sparsifier:
         unknown = dense_set - {c[0] for c in chosen}
         if unknown:
             raise ValueError(f"dense_layers {sorted(unknown)} are not among the sparse parameters")
+        self.fixed = set(fixed)
+        unknown = self.fixed - {c[0] for c in chosen}
+        if unknown:
+            raise ValueError(f"fixed {sorted(unknown)} are not among the sparse parameters; "
+                             f"allowed: {', '.join(c[0] for c in chosen)}")
         shapes = [tuple(getattr(m, n).shape) for _, m, n in chosen]
         counts = distributions.layer_counts(
             shapes, self.density, distribution, dense_mask=[c[0] in dense_set for c in chosen]
@@ -158,12 +166,14 @@ class Sparsifier:
             self.params.append(make(model, fqn, module, p_name, active))
         if sparse_init:
             self._scale_init_to_active_fan_in()
+        # the weights whose topology updates change; fixed ones stay sparse with their first mask
+        self.updated = [p for p in self.params if p.fqn not in self.fixed]
         self.ever_active = {p.fqn: p.active() for p in self.params}
         self.step_count = 0
         self.update_time_s = 0.0
         self.n_updates = 0
         if self.dynamic and hasattr(self.grow, "attach"):
-            self.grow.attach(self.params)
+            self.grow.attach(self.updated)
         self._last_update = self.schedule.update_steps()[-1] if self.dynamic else 0
         self._arm(1)
 
@@ -196,7 +206,7 @@ class Sparsifier:
             return
         on = self._is_update(step)
         if self.grow.needs_dense_grad:
-            for p in self.params:
+            for p in self.updated:
                 if not hasattr(p, "capture_dense_grad"):
                     raise ValueError(
                         f"grow criterion needs the dense gradient, which {type(p).__name__} "
@@ -216,7 +226,7 @@ class Sparsifier:
         t0 = time.perf_counter()
         fraction = self.schedule.fraction_at(step)
         layers = {}
-        for p in self.params:
+        for p in self.updated:
             active = p.active()  # (nnz,) sorted
             nnz = active.numel()
             n = int(round(fraction * nnz))

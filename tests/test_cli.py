@@ -102,6 +102,7 @@ def test_resume_after_crash_gives_same_masks_and_accuracy(method, tmp_path, monk
     ("sparsity.update_every=5000", "schedule never fires"),
     ("data.dataset=imagenet", "unknown dataset 'imagenet'"),
     ("train.eval_every=0", "train.eval_every must be an epoch count >= 1, got 0"),
+    ("sparsity.fixed=[nope.weight]", r"fixed \['nope.weight'\] are not among the sparse parameters"),
 ])
 def test_cli_bad_input_is_one_clear_line(override, match, tmp_path, capsys):
     rc = main(["train", str(ROOT / "configs/fmnist_lenet.yaml"), "train.epochs=1", override,

@@ -282,6 +282,8 @@ def test_schedule_fires_exactly_where_it_should():
     ({"include": ["nope.weight"]}, "unknown parameter"),
     ({"grow_init": "ones"}, "unknown grow_init"),
     ({"density": 1e-4}, "too small"),
+    ({"fixed": ["5.weight", "9.weight"]}, r"fixed \['9.weight'\] are not among the sparse parameters; "
+                                          r"allowed: 1.weight, 3.weight, 5.weight"),
 ])
 def test_bad_input_gives_clear_error(kwargs, match):
     model = mlp()
@@ -373,3 +375,17 @@ def test_sparsifying_again_replaces_the_gradient_mask():
         only_new = p.mask & ~old[p.fqn]
         # not also masked by the first, stale pattern
         assert (grad[only_new] != 0).any()  # a stale hook would zero all of them
+
+
+@pytest.mark.parametrize("method", [m for m in METHODS if sg.METHODS.get(m).grow is not None])
+def test_fixed_weights_keep_their_first_pattern(method):
+    # the thesis's setting: the classifier stays sparse but only the conv layers are updated
+    model, sp = make(method, kind="conv", fixed=["fc.weight"], every=2, end=30)
+    first = {p.fqn: p.active().clone() for p in sp.params}
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    sp.attach(opt)
+    stats = train(model, sp, opt, 30)
+    assert stats and all("fc.weight" not in s["layers"] for s in stats)
+    assert torch.equal(sp.params[2].active(), first["fc.weight"])
+    assert not torch.equal(sp.params[0].active(), first["conv1.weight"])  # the others move
+    assert total_nnz(sp) == sum(v.numel() for v in first.values())

@@ -42,7 +42,7 @@ def build_sparsifier(cfg: Config, model: nn.Module, steps_per_epoch: int):
         model, s.density, method=s.method,
         schedule=resolve_schedule(cfg, steps_per_epoch, total_steps) if dynamic else None,
         distribution=s.distribution, drop=s.drop, grow=s.grow, grow_kwargs=grow_kwargs,
-        include=s.include, dense_layers=s.dense_layers, allow_regrow=s.allow_regrow,
+        include=s.include, dense_layers=s.dense_layers, fixed=s.fixed, allow_regrow=s.allow_regrow,
         grow_init=s.grow_init, sparse_init=s.sparse_init, storage=s.storage, seed=cfg.seed,
     )
 

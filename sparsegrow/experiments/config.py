@@ -65,6 +65,7 @@ class SparsityConfig:
     sparse_init: bool = False  # scale init by the active fan-in
     include: list | None = None  # fully qualified weight names; None = every Linear/Conv2d
     dense_layers: list = field(default_factory=list)
+    fixed: list = field(default_factory=list)  # sparse weights that updates leave alone (names)
     drop: str | None = None  # override the method's drop criterion
     grow: str | None = None  # override the method's grow criterion
 
