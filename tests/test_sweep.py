@@ -87,3 +87,14 @@ def test_plots_render_from_runs(tmp_path):
         out = tmp_path / f"{kind}.png"
         assert main(["plot", kind, str(tmp_path / "out"), "--out", str(out)]) == 0
         assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 5000
+
+
+def test_rows_option_runs_only_the_named_rows(tmp_path, capsys):
+    from sparsegrow.experiments.cli import main
+
+    spec = _write_sweep(tmp_path)
+    assert main(["sweep", str(spec), "--rows", "set", "--dry-run", "--no-progress"]) == 0
+    listed = capsys.readouterr().out.strip().splitlines()
+    assert len(listed) == 1 and listed[0].startswith(str(tmp_path / "out/set/seed3"))
+    with pytest.raises(ConfigError, match=r"unknown row label\(s\) \['sett'\]; the sweep has: static, set"):
+        sweep.run_sweep(spec, rows=["sett"], progress=False, dry_run=True)

@@ -30,7 +30,7 @@ def _cmd_sweep(args) -> int:
     from .sweep import run_sweep
 
     summaries = run_sweep(args.sweep, smoke=args.smoke, extra=args.overrides,
-                          progress=not args.no_progress, dry_run=args.dry_run)
+                          progress=not args.no_progress, dry_run=args.dry_run, rows=args.rows)
     if summaries:
         print(f"{len(summaries)} runs finished; tabulate with: sparsegrow report <output folder>")
     return 0
@@ -97,6 +97,8 @@ def make_parser() -> argparse.ArgumentParser:
     sw.add_argument("overrides", nargs="*", help="overrides applied to every run")
     sw.add_argument("--smoke", action="store_true", help="CI-sized runs (the sweep's `smoke:` overrides)")
     sw.add_argument("--dry-run", action="store_true", help="list the runs without training")
+    sw.add_argument("--rows", nargs="+", metavar="LABEL",
+                    help="only these rows (e.g. to split a sweep across processes or machines)")
     sw.add_argument("--no-progress", action="store_true", help="no progress bars")
     sw.set_defaults(func=_cmd_sweep)
     r = sub.add_parser("report", help="markdown table of finished runs")

@@ -91,8 +91,14 @@ def load_sweep(path: str | Path, smoke: bool = False, extra: list[str] = ()) -> 
 
 
 def run_sweep(path: str | Path, smoke: bool = False, extra: list[str] = (), progress: bool = True,
-              dry_run: bool = False) -> list[dict]:
+              dry_run: bool = False, rows: list[str] | None = None) -> list[dict]:
     base, jobs = load_sweep(path, smoke, extra)
+    if rows:
+        labels = list(dict.fromkeys(j.label for j in jobs))
+        unknown = [r for r in rows if r not in labels]
+        if unknown:
+            raise ConfigError(f"--rows: unknown row label(s) {unknown}; the sweep has: {', '.join(labels)}")
+        jobs = [j for j in jobs if j.label in rows]
     summaries = []
     bar = tqdm(jobs, desc="sweep", disable=not progress, position=0, dynamic_ncols=True)
     for job in bar:
