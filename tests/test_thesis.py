@@ -164,3 +164,16 @@ def test_runs_repeated_across_tables_count_once():
     once = {k: len(v) for k, v in thesis.group(runs).items()}
     assert {k: len(v) for k, v in thesis.group(runs + [dict(r) for r in runs]).items()} == once
     assert max(once.values()) == 2  # the fixture's two-seed rows stay two
+
+
+def test_generic_grouping_tells_search_settings_apart():
+    # LSH runs that differ only in bits (or k_similar, or sketch size) are different rows, not seeds
+    from sparsegrow.experiments.report import group_runs
+
+    run = load_run(FIXTURE / "faiss_ks0.15_K0.01/seed0")
+    variants = []
+    for change in ({}, {"k_similar": 0.2}, {"backend": "lsh", "bits": 1}, {"backend": "lsh", "bits": 2}):
+        cfg = {**run["config"], "search": {**run["config"]["search"], **change}}
+        variants.append({**run, "config": cfg})
+    assert len(group_runs(variants)) == 4
+    assert "bits=2" in dict(list(group_runs(variants))[3])["method"]

@@ -38,7 +38,7 @@ def save(fig, ax, out: Path, grid: bool = True, legend_size: int = 8) -> None:
 
 def _label(key) -> str:
     d = dict(key)
-    return f"{d['method']} d={d['density']}"
+    return f"{d['method']} d={d['density']}" + (f" K={d['α']}" if d["α"] != "-" else "")
 
 
 def plot_density(runs: list[dict], out: Path) -> None:
@@ -133,7 +133,7 @@ def plot_time(runs: list[dict], out: Path) -> None:
     per_group = [[phase_breakdown(m) for m in members] for members in groups.values()]
     present = {p for runs_ in per_group for b in runs_ for p in b}
     phases = sorted(present, key=lambda p: _PHASES.index(p) if p in _PHASES else 99)
-    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(groups)), 4))
+    fig, ax = plt.subplots(figsize=(max(6, 1.0 * len(groups)), 5.5))
     labels = [_label(k) for k in groups]
     bottom = [0.0] * len(groups)
     for j, phase in enumerate(phases):
@@ -141,8 +141,12 @@ def plot_time(runs: list[dict], out: Path) -> None:
         ax.bar(labels, vals, bottom=bottom, label=phase, color=f"C{j % 10}")
         bottom = [b + v for b, v in zip(bottom, vals)]
     ax.set_ylabel("training time (s), median over seeds")
-    ax.tick_params(axis="x", rotation=30, labelsize=8)
-    save(fig, ax, out, grid=False)
+    ax.tick_params(axis="x", rotation=35, labelsize=7)
+    for lab in ax.get_xticklabels():
+        lab.set_horizontalalignment("right")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))  # beside the bars
+    fig.savefig(out, dpi=120, bbox_inches="tight")
+    _plt().close(fig)
 
 
 PLOTS = {"density": plot_density, "accuracy": plot_accuracy, "density-acc": plot_density_accuracy,

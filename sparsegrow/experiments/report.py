@@ -22,7 +22,7 @@ def _row_key(run: dict) -> dict:
     return OrderedDict([
         ("model", c["model"]["name"]),
         ("method", method + (f"/{sp['grow']}" if sp.get("grow") else "")
-         + (f"[{c['search']['backend']},{c['search']['metric']}]" if grow == "search" else "")),
+         + (_search_settings(c) if grow == "search" and dynamic else "")),
         # DST's density is an outcome, not a setting: it is averaged in the table, not grouped on.
         ("density", "learned" if method == "dst" else f"{s['density']:.4g}"),
         ("distribution", sp["distribution"] if method not in ("dense", "dst") else "-"),
@@ -30,6 +30,20 @@ def _row_key(run: dict) -> dict:
         ("α", f"{sp['fraction']:g}" if dynamic else (f"{c['dst']['alpha']:g} (L_S)" if method == "dst" else "-")),
         ("epochs", str(c["train"]["epochs"])),
     ])
+
+
+def _search_settings(c: dict) -> str:
+    """What tells search-grow runs apart: backend, metric, and k_similar (approximate backends),
+    bits (LSH) and the sketch size where they apply, e.g. "[lsh,abs_ip,ks=0.15,bits=2,sketch=256]"."""
+    se, sketch = c["search"], c.get("signal", {}).get("sketch_dim", 0)
+    parts = [se["backend"], se["metric"]]
+    if se["backend"] != "exact":
+        parts.append(f"ks={se['k_similar']:g}")
+    if se["backend"] == "lsh":
+        parts.append(f"bits={se['bits']:g}")
+    if sketch:
+        parts.append(f"sketch={sketch}")
+    return "[" + ",".join(parts) + "]"
 
 
 def mean_std(values: list[float], scale: float = 1.0, digits: int = 2) -> str:
