@@ -103,9 +103,10 @@ def test_resume_after_crash_gives_same_masks_and_accuracy(method, tmp_path, monk
     ("data.dataset=imagenet", "unknown dataset 'imagenet'"),
     ("train.eval_every=0", "train.eval_every must be an epoch count >= 1, got 0"),
     ("sparsity.fixed=[nope.weight]", r"fixed \['nope.weight'\] are not among the sparse parameters"),
+    ("sparsity.method=dst sparsity.fixed=[hidden.0.weight]", "does not apply to method 'dst'"),
 ])
 def test_cli_bad_input_is_one_clear_line(override, match, tmp_path, capsys):
-    rc = main(["train", str(ROOT / "configs/fmnist_lenet.yaml"), "train.epochs=1", override,
+    rc = main(["train", str(ROOT / "configs/fmnist_lenet.yaml"), "train.epochs=1", *override.split(),
                "--run-dir", str(tmp_path / "r"), "--no-progress"])
     err = capsys.readouterr().err
     assert rc == 2

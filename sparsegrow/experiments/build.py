@@ -28,6 +28,9 @@ def build_sparsifier(cfg: Config, model: nn.Module, steps_per_epoch: int):
     s = cfg.sparsity
     total_steps = steps_per_epoch * cfg.train.epochs
     if s.method == "dst":
+        if s.fixed:
+            raise ConfigError(f"sparsity.fixed={s.fixed!r} does not apply to method 'dst' (its masks "
+                              "come from learned thresholds, not topology updates); leave it empty")
         from sparsegrow.dst import build_dst
 
         return build_dst(model, alpha=cfg.dst.alpha, threshold=cfg.dst.threshold,
