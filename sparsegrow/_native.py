@@ -1,8 +1,10 @@
 """Small C/OpenMP kernels built on first use with the system C compiler, loaded with ctypes.
 
-`load(name, source)` compiles `source` once per source version (and machine: -march=native) into
-$SPARSEGROW_CACHE or ~/.cache/sparsegrow, atomically, and returns the ctypes library, or None with
-a warning when no compiler is found or the build fails: every caller keeps a torch fallback.
+`load(name, source, signatures)` compiles `source` once per source version (and machine:
+-march=native) into $SPARSEGROW_CACHE or ~/.cache/sparsegrow, atomically, and returns the ctypes
+library with each function's argument and return types set from `signatures`, or None with a
+warning when no compiler is found or the build fails (the reason in `errors[name]`): every caller
+keeps a torch fallback.
 """
 from __future__ import annotations
 
@@ -20,7 +22,8 @@ _libs: dict[str, ctypes.CDLL | None] = {}
 errors: dict[str, str] = {}
 
 
-def load(name: str, source: str) -> ctypes.CDLL | None:
+def load(name: str, source: str, signatures: dict[str, tuple[list, object]]) -> ctypes.CDLL | None:
+    """signatures: {function name: (argtypes, restype)}."""
     if name in _libs:
         return _libs[name]
     _libs[name] = None
@@ -43,7 +46,10 @@ def load(name: str, source: str) -> ctypes.CDLL | None:
                 subprocess.run([cc, "-O3", "-march=native", "-fopenmp", "-fPIC", "-shared",
                                 str(src), "-o", str(out)], check=True, capture_output=True)
                 os.replace(out, lib_path)  # atomic: concurrent builders do not clash
-        _libs[name] = ctypes.CDLL(str(lib_path))
+        lib = ctypes.CDLL(str(lib_path))
+        for fn, (argtypes, restype) in signatures.items():
+            getattr(lib, fn).argtypes, getattr(lib, fn).restype = argtypes, restype
+        _libs[name] = lib
     except (OSError, subprocess.CalledProcessError) as e:
         err = getattr(e, "stderr", b"") or b""
         errors[name] = f"{e} {err.decode(errors='replace')[-500:]}"

@@ -63,13 +63,10 @@ void sg_conv_sketch_f32(const float* x, const float* dz, const int64_t* bucket, 
 
 
 def _lib():
-    lib = _native.load("conv_sketch", _SOURCE)
-    if lib is not None and not getattr(lib, "_typed", False):
-        p, i64 = ctypes.c_void_p, ctypes.c_int64
-        lib.sg_conv_sketch_f32.argtypes = [p, p, p, p] + [i64] * 15 + [p, p]
-        lib.sg_conv_sketch_f32.restype = None
-        lib._typed = True
-    return lib
+    p, i64 = ctypes.c_void_p, ctypes.c_int64
+    # x, dz, bucket, sign; B, C, H, W, O, Ho, Wo, KH, KW, sh, sw, ph, pw, dh, dw; sx, sz
+    return _native.load("conv_sketch", _SOURCE,
+                        {"sg_conv_sketch_f32": ([p, p, p, p] + [i64] * 15 + [p, p], None)})
 
 
 def conv_sketch_applies(x: torch.Tensor, dz: torch.Tensor) -> bool:

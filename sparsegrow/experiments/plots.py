@@ -25,13 +25,18 @@ def _plt():
     return plt
 
 
-def save(fig, ax, out: Path, grid: bool = True, legend_size: int = 8) -> None:
-    """Finish an axes (grid, legend) and write the figure to `out`."""
+def save(fig, ax, out: Path, grid: bool = True, legend_size: int = 8,
+         legend_beside: bool = False) -> None:
+    """Finish an axes (grid, legend: inside, or beside it for crowded plots) and write to `out`."""
     if grid:
         ax.grid(alpha=0.3)
-    ax.legend(fontsize=legend_size)
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
+    if legend_beside:
+        ax.legend(fontsize=legend_size, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+        fig.savefig(out, dpi=120, bbox_inches="tight")  # tight_layout ignores an outside legend
+    else:
+        ax.legend(fontsize=legend_size)
+        fig.tight_layout()
+        fig.savefig(out, dpi=120)
     fig.clf()
     _plt().close(fig)
 
@@ -144,9 +149,7 @@ def plot_time(runs: list[dict], out: Path) -> None:
     ax.tick_params(axis="x", rotation=35, labelsize=7)
     for lab in ax.get_xticklabels():
         lab.set_horizontalalignment("right")
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))  # beside the bars
-    fig.savefig(out, dpi=120, bbox_inches="tight")
-    _plt().close(fig)
+    save(fig, ax, out, grid=False, legend_size=7, legend_beside=True)
 
 
 PLOTS = {"density": plot_density, "accuracy": plot_accuracy, "density-acc": plot_density_accuracy,

@@ -43,7 +43,7 @@ def set_backend(name: str) -> None:
     if name not in BACKENDS:
         raise ValueError(f"unknown kernel backend {name!r}; allowed: {', '.join(BACKENDS)}")
     if name == "c" and _c_lib() is None:
-        raise RuntimeError(f"the C kernels are not available: {_c_error}")
+        raise RuntimeError(f"the C kernels are not available: {_native.errors.get('kernels')}")
     _backend = name
 
 
@@ -143,24 +143,15 @@ void sg_rank_sorted(const int64_t* seq, int64_t n, const int64_t* q, int64_t m, 
 }
 """
 
-_c_error = None
+_P, _I64, _I32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+_SIGNATURES = {f"sg_{op}_{suf}": ([_P, _P, _P, _P, _P, _I64, _I64, _I32], None)
+               for op in ("spmm", "sddmm") for suf in ("f32", "f64")}
+_SIGNATURES["sg_rank_sorted"] = ([_P, _I64, _P, _I64, _P], None)
 
 
 def _c_lib():
     """The compiled kernels (built once per source version, see `sparsegrow._native`), or None."""
-    global _c_error
-    lib = _native.load("kernels", _C_SOURCE)
-    if lib is None:
-        _c_error = _native.errors.get("kernels")
-        return None
-    if not getattr(lib, "_typed", False):
-        p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-        for suf in ("f32", "f64"):
-            getattr(lib, f"sg_spmm_{suf}").argtypes = [p, p, p, p, p, i64, i64, i32]
-            getattr(lib, f"sg_sddmm_{suf}").argtypes = [p, p, p, p, p, i64, i64, i32]
-        lib.sg_rank_sorted.argtypes = [p, i64, p, i64, p]
-        lib._typed = True
-    return lib
+    return _native.load("kernels", _C_SOURCE, _SIGNATURES)
 
 
 _SUFFIX = {torch.float32: "f32", torch.float64: "f64"}

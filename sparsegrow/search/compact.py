@@ -56,14 +56,9 @@ int64_t sg_compact_ge_f32(const float* x, int64_t rows, int64_t cols, float tau,
 
 
 def _lib():
-    lib = _native.load("compact", _SOURCE)
-    if lib is not None and not getattr(lib, "_typed", False):
-        p, i64 = ctypes.c_void_p, ctypes.c_int64
-        lib.sg_compact_ge_f32.argtypes = [p, i64, i64, ctypes.c_float, ctypes.c_int, i64, i64,
-                                          p, p, i64]
-        lib.sg_compact_ge_f32.restype = i64
-        lib._typed = True
-    return lib
+    p, i64 = ctypes.c_void_p, ctypes.c_int64
+    return _native.load("compact", _SOURCE, {"sg_compact_ge_f32": (
+        [p, i64, i64, ctypes.c_float, ctypes.c_int, i64, i64, p, p, i64], i64)})
 
 
 def compact_into(block: torch.Tensor, tau: float, use_abs: bool, r0: int, ld: int,
