@@ -52,6 +52,7 @@ def one(kind: str, width: int, density: float, optim: str, repeats: int, threads
         pass
     from sparsegrow.drop import DROP
     from sparsegrow.grow import GROW, GrowContext
+    from sparsegrow.signals import GrowSignals
     from sparsegrow.layers import sparse_linear as sl
     from sparsegrow.topology import MaskedParam, sample_inactive
 
@@ -116,13 +117,13 @@ def one(kind: str, width: int, density: float, optim: str, repeats: int, threads
         if args_search and "search" in GROW.names() and n * m <= SEARCH_MAX_NUMEL:
             # exact search grow reads X and dZ captured by hooks during an armed step
             grows["search"] = GROW.get("search")(backend="exact", measure="off")
-            grows["search"].attach([view])
         update_times = {}
         for name, grow in grows.items():
+            signals = GrowSignals(grow.needs_signal, [view]) if grow.needs_signal else None
             ts = []
             for _ in range(3):
-                if hasattr(grow, "arm"):
-                    grow.arm(True)
+                if signals is not None:
+                    signals.arm(True)
                     step()  # the update step's forward/backward captures the signal
                 t0 = time.perf_counter()
                 with torch.no_grad():
@@ -131,11 +132,14 @@ def one(kind: str, width: int, density: float, optim: str, repeats: int, threads
                     pos = drop_c.select(view.values(a), k, gen)
                     keep = torch.ones(a.numel(), dtype=torch.bool)
                     keep[pos] = False
-                    g = grow.select(GrowContext(view, a[keep], 1), k, gen)
+                    sig = signals.collect()[view.fqn] if signals is not None else None
+                    g = grow.select(GrowContext(view, a[keep], 1, sig), k, gen)
                     view.update(a[pos], g, torch.zeros(k), optimizer)
                 ts.append(time.perf_counter() - t0)
-                if hasattr(grow, "arm"):
-                    grow.arm(False)
+                if signals is not None:
+                    signals.arm(False)
+            if signals is not None:
+                signals.remove()
             update_times[name] = statistics.median(ts)
         out["update_s"] = update_times
     return out

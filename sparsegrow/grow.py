@@ -4,23 +4,23 @@ SET and RigL differ only here. A grow criterion decides, it does not mutate: `se
 generator)` returns n sorted flat indices, none of them in `ctx.excluded` (the connections that
 stay active, plus the just-dropped ones when regrowth is off).
 
-Optional attributes the Sparsifier honours, so criteria compose without a base class:
-    needs_dense_grad: bool        the storage must keep the dense weight gradient on update steps
-    attach(params) / detach()     called once with every SparseParam (e.g. to install hooks)
-    arm(on: bool)                 called before the forward/backward of an update step (on) and
-                                  after the update (off), so signals are captured only then
+The contract between the Sparsifier, the storages and a criterion is `GrowCriterion`:
+    needs_signal: SignalSpec | None   what it reads (None: nothing, e.g. random growth). The
+                                      Sparsifier's `GrowSignals` captures it, sums micro-batches,
+                                      window steps and ranks, and hands it over as `ctx.signal`
+    select(ctx, n, generator)         the choice; instrumentation goes into `ctx.stats`
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
 
 import torch
 
 from .registry import Registry
 from .selection import select_top
+from .signals import Signal, SignalSpec
 from .topology import SparseParam, sample_inactive
-
-GROW = Registry("grow criterion")
 
 
 @dataclass
@@ -28,24 +28,44 @@ class GrowContext:
     param: SparseParam
     excluded: torch.Tensor  # sorted flat indices that must not be grown, (n_excluded,)
     step: int
+    signal: Signal | None = None  # what `needs_signal` asked for, reduced over ranks
+    stats: dict = field(default_factory=dict)  # the criterion's per-layer instrumentation
+
+
+class GrowCriterion(ABC):
+    needs_signal: SignalSpec | None = None
+
+    @abstractmethod
+    def select(self, ctx: GrowContext, n: int, generator: torch.Generator) -> torch.Tensor:
+        """n sorted flat indices (n,), none in ctx.excluded."""
+
+
+GROW: Registry[type[GrowCriterion]] = Registry("grow criterion")
 
 
 @GROW.register("random", "grow uniformly at random among inactive connections (SET)")
-class RandomGrow:
-    needs_dense_grad = False
-
+class RandomGrow(GrowCriterion):
     def select(self, ctx: GrowContext, n: int, generator: torch.Generator) -> torch.Tensor:
         return sample_inactive(ctx.param.numel, ctx.excluded, n, generator)
 
 
 @GROW.register("gradient", "grow the inactive connections of largest dense-gradient |dL/dW| (RigL)")
-class GradientGrow:
-    """RigL's grow: the reference oracle that search-based growth is measured against."""
+class GradientGrow(GrowCriterion):
+    """RigL's grow: the reference oracle that search-based growth is measured against.
 
-    needs_dense_grad = True
+    accumulate: score by the gradient summed over the window since the last update instead of
+    the update step's (all micro-batches of a step always add up).
+    """
+
+    needs_signal = SignalSpec("dense_grad")
+
+    def __init__(self, accumulate: bool = False):
+        if not isinstance(accumulate, bool):
+            raise ValueError(f"accumulate must be True or False, got {accumulate!r}")
+        self.needs_signal = SignalSpec("dense_grad", accumulate=accumulate)
 
     def select(self, ctx: GrowContext, n: int, generator: torch.Generator) -> torch.Tensor:
-        grad = getattr(ctx.param, "dense_grad", None)
+        grad = ctx.signal.dense_grad if ctx.signal is not None else None
         if grad is None:
             raise RuntimeError(
                 f"gradient (RigL) grow on {ctx.param.fqn}: no dense gradient was captured on this "

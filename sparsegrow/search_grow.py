@@ -4,9 +4,11 @@ two groups of vectors, the layer's output gradients and its inputs, without a de
 For z = x Wᵀ the gradient of a missing weight (j, i) is G_ji = Σ_b dZ[b, j] X[b, i], the inner
 product of column j of dZ with column i of X. The best new connections are the top |G_ji| among
 inactive pairs: a maximum-inner-product search between N and M vectors of dimension B (B·P for
-Conv2d; or s, the sketch size). `signals.LayerSignal` captures the vectors on update steps,
-`search.top_pairs` finds the pairs through the chosen backend (exact by default: the same set as
-RigL's dense-gradient grow), and each select records per-layer instrumentation in `last_stats`.
+Conv2d; or s, the sketch size). The Sparsifier's `signals.GrowSignals` captures the vectors (the
+criterion's `needs_signal`: rows, sketched or not, accumulated or not) and reduces them across
+ranks; `search.top_pairs` finds the pairs through the chosen backend (exact by default: the same
+set as RigL's dense-gradient grow), and each select records per-layer instrumentation in
+`ctx.stats`.
 
     Sparsifier(model, 0.1, method="search", schedule=...,
                grow_kwargs={"backend": "exact", "metric": "abs_ip", "k_similar": 0.15,
@@ -19,10 +21,10 @@ import time
 
 import torch
 
-from .grow import GROW, GrowContext
+from .grow import GROW, GrowContext, GrowCriterion
 from .search import BACKENDS, METRICS, exact_top_pairs, top_pairs
 from .search.base import require
-from .signals import LayerSignal
+from .signals import SignalSpec
 from .topology import isin_sorted
 from .updater import METHODS, Method
 
@@ -41,7 +43,7 @@ def pair_scores(Z: torch.Tensor, X: torch.Tensor, idx: torch.Tensor, chunk: int 
     return out
 
 
-class SearchGrow:
+class SearchGrow(GrowCriterion):
     """The `search` grow criterion. Arguments (all validated here, at construction):
 
     backend     one of `search.BACKENDS` (exact, faiss-flat, faiss-ivf, faiss-hnsw, faiss-range,
@@ -50,8 +52,7 @@ class SearchGrow:
     k_similar   (0, 1]: share of the M candidates searched per query (approximate backends)
     bits        (0, 64]: LSH hash bits per vector dimension (backend lsh)
     sketch_dim  int >= 0: rows of the random-sign sketch of the batch (0: exact rows)
-    accumulate  bool: sum the signal over every armed step since the last update (needs the
-                Sparsifier to arm the criterion on every step of the window; see `arm`)
+    accumulate  bool: sum the signal over every step of the window since the last update
     global_threshold  bool: share the candidate budget by a global threshold (the fix for
                 per-query top-k); False is the thesis's per-query rule
     measure     auto | exact | sampled | off: how recall and quality are measured
@@ -59,8 +60,6 @@ class SearchGrow:
     backend_options    dict passed to the backend (e.g. {"nprobe": 8}, {"ef_search": 128})
     seed        seeds the sketches and the backends
     """
-
-    needs_dense_grad = False
 
     def __init__(self, backend: str = "exact", metric: str = "abs_ip", k_similar: float = 0.15,
                  bits: float = 1.0, sketch_dim: int = 0, accumulate: bool = False,
@@ -102,45 +101,19 @@ class SearchGrow:
         if backend != "exact":
             self.backend_options.setdefault("seed", seed)
         self.seed = seed
-        self.signals: dict[str, LayerSignal] = {}
-        self.last_stats: dict[str, dict] = {}
-        self._stats_step = None
-
-    # -- lifecycle (called by the Sparsifier) ---------------------------------------------------
-
-    def attach(self, params) -> None:
-        """Install the capture hooks on every sparse parameter's module."""
-        self.detach()
-        for k, p in enumerate(params):
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + k)
-            self.signals[p.fqn] = LayerSignal(p.module, p.shape, p.fqn, self.sketch_dim,
-                                              self.accumulate, g)
-
-    def detach(self) -> None:
-        for s in self.signals.values():
-            s.remove()
-        self.signals = {}
-
-    def arm(self, on: bool) -> None:
-        """Capture during the coming forward/backward iff on. Called once per training step; with
-        accumulate=True the Sparsifier should pass on=True for every step of the ΔT window (the
-        signal is summed until the next select), otherwise only for update steps."""
-        for s in self.signals.values():
-            s.arm(on)
+        self.needs_signal = SignalSpec("rows", sketch_dim=sketch_dim, accumulate=accumulate,
+                                       seed=seed)
 
     # -- the criterion -------------------------------------------------------------------------
 
     def select(self, ctx: GrowContext, n: int, generator: torch.Generator) -> torch.Tensor:
         p = ctx.param
-        if p.fqn not in self.signals:
-            raise RuntimeError(f"search grow: {p.fqn} has no signal hooks; call attach(params) "
-                               "first (the Sparsifier does this at construction)")
-        if ctx.step != self._stats_step:
-            self.last_stats, self._stats_step = {}, ctx.step
-        signal = self.signals[p.fqn]
+        if ctx.signal is None or ctx.signal.Z is None:
+            raise RuntimeError(f"search grow: no (dZ, X) rows were handed over for {p.fqn}; the "
+                               "Sparsifier captures them (build it with method='search')")
         sync = (lambda: torch.cuda.synchronize()) if ctx.excluded.is_cuda else (lambda: None)
         t0 = time.perf_counter()
-        Z, X = signal.rows()  # (R, N), (R, M)
+        Z, X = ctx.signal.Z, ctx.signal.X  # (R, N), (R, M)
         N, M = p.shape[0], p.numel // p.shape[0]
         if Z.shape[1] != N or X.shape[1] != M:
             raise RuntimeError(f"search grow: {p.fqn} captured ({Z.shape[1]}, {X.shape[1]}) "
@@ -150,15 +123,14 @@ class SearchGrow:
                                  self.k_similar, self.global_threshold, self.seed,
                                  self.backend_options)
         sync()
-        stats = {"grow_time_s": time.perf_counter() - t0, "signal_rows": Z.shape[0],
-                 "signal_steps": signal.last_steps, "backend": self.backend,
-                 "signal_time_s": signal.last_time_s}  # in backward hooks, not in grow_time_s
+        stats = ctx.stats
+        stats.update({"grow_time_s": time.perf_counter() - t0, "signal_rows": Z.shape[0],
+                      "backend": self.backend})
         stats.update({f"search_{k}": v for k, v in info.items()})
         t1 = time.perf_counter()
         stats.update(self._measure(Z, X, idx, n, excluded))
         sync()
         stats["measure_time_s"] = time.perf_counter() - t1
-        self.last_stats[p.fqn] = stats
         return idx.to(ctx.excluded.device)
 
     def _measure(self, Z, X, idx, n, excluded) -> dict:
@@ -192,16 +164,6 @@ class SearchGrow:
         return {"recall": hit / max(ref.numel(), 1),
                 "quality": chosen / best if best > 0 else 1.0,
                 "recall_sampled": bool(sampled)}
-
-    # -- state ---------------------------------------------------------------------------------
-
-    def state_dict(self) -> dict:
-        return {"generators": {k: s.generator.get_state() for k, s in self.signals.items()}}
-
-    def load_state_dict(self, state: dict) -> None:
-        for k, st in state.get("generators", {}).items():
-            if k in self.signals:
-                self.signals[k].generator.set_state(st)
 
 
 GROW.add("search", SearchGrow,

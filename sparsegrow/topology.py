@@ -20,7 +20,7 @@ criteria written with them also serve layers too wide for a dense mask.
 from __future__ import annotations
 
 import math
-from typing import Protocol
+from typing import Callable, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -45,12 +45,26 @@ class SparseParam(Protocol):
     def load_state_dict(self, state: dict) -> None: ...
 
 
+@runtime_checkable
+class DenseGradSource(Protocol):
+    """A storage that forms the dense weight gradient (masked storage) and lets the growth
+    signal read it, unmasked, in each backward: `observe_grad(fn)` calls fn(grad) with the dense
+    gradient (*shape) before the mask is applied; `observe_grad(None)` stops."""
+
+    fqn: str
+    shape: torch.Size
+    param: nn.Parameter
+
+    def observe_grad(self, fn: Callable[[torch.Tensor], None] | None) -> None: ...
+
+
 class MaskedParam:
     """A dense weight with a boolean mask of the same shape (the reference storage).
 
     A gradient hook multiplies the weight gradient by the mask, so momentum, Adam moments and
     (coupled or decoupled) weight decay never move an inactive weight away from exactly zero.
-    On update steps that need it (RigL), the hook first keeps the unmasked dense gradient.
+    The hook first hands the unmasked dense gradient to its observer, if any (`observe_grad`:
+    the growth signal of RigL's gradient grow, summed over micro-batches and ranks there).
     """
 
     def __init__(self, fqn: str, module: nn.Module, param_name: str, active: torch.Tensor):
@@ -62,8 +76,7 @@ class MaskedParam:
         self.numel = param.numel()
         self.mask = torch.zeros(self.shape, dtype=torch.bool, device=param.device)
         self.mask.view(-1)[active.to(param.device)] = True
-        self.capture_dense_grad = False
-        self.dense_grad: torch.Tensor | None = None
+        self._grad_observer: Callable[[torch.Tensor], None] | None = None
         old = getattr(param, "_sparsegrow_hook", None)
         if old is not None:  # sparsified again: the newest mask alone applies
             old.remove()
@@ -74,9 +87,12 @@ class MaskedParam:
     def param(self) -> nn.Parameter:
         return getattr(self.module, self.param_name)
 
+    def observe_grad(self, fn: Callable[[torch.Tensor], None] | None) -> None:
+        self._grad_observer = fn
+
     def _mask_grad(self, grad: torch.Tensor) -> torch.Tensor:
-        if self.capture_dense_grad:
-            self.dense_grad = grad.detach().clone()
+        if self._grad_observer is not None:
+            self._grad_observer(grad)
         return grad * self.mask
 
     def active(self) -> torch.Tensor:

@@ -18,6 +18,12 @@ optimizer state, as if never dropped; it is counted in the stats. With allow_reg
 just-dropped connections are excluded from growth (SET's convention). Weights named in `fixed`
 stay sparse with their first pattern: updates (and the grow criterion's hooks) skip them, as the
 thesis kept its classifier sparse but updated only the conv layers.
+
+Distributed data-parallel training (torch.distributed, e.g. DistributedDataParallel): build the
+Sparsifier on every rank with the same seed and arguments, after the process group is initialised
+(it is found by itself; `process_group=` picks another). What growth reads is reduced across ranks
+before every update and the ranks' topologies are checked to agree after it (see
+`sparsegrow.distributed`); a mismatch raises `TopologyMismatch` naming the layer.
 """
 from __future__ import annotations
 
@@ -30,11 +36,13 @@ import torch
 from torch import nn
 
 from . import distributions
+from .distributed import Collective
 from .drop import DROP
-from .grow import GROW, GrowContext
+from .grow import GROW, GrowContext, GrowCriterion
 from .metrics import density_report, itop_rate, union_sorted
 from .registry import Registry
 from .schedules import UpdateSchedule
+from .signals import GrowSignals
 from .topology import MaskedParam, SparseParam, isin_sorted, sample_inactive
 
 
@@ -115,8 +123,11 @@ class Sparsifier:
         storage: str = "masked",
         seed: int = 0,
         optimizer: torch.optim.Optimizer | None = None,
+        process_group=None,
+        distributed: bool = True,
     ):
         spec = METHODS.get(method)
+        _check_wrapping(model, storage)
         if spec.dense:
             density = 1.0
         if not isinstance(density, (int, float)) or not 0.0 < density <= 1.0:
@@ -135,10 +146,14 @@ class Sparsifier:
         self.schedule = schedule if self.dynamic else None
         self.drop = DROP.get(drop)() if self.dynamic else None
         self.grow = GROW.get(grow)(**(grow_kwargs or {})) if self.dynamic else None
+        if self.grow is not None and not isinstance(self.grow, GrowCriterion):
+            raise ValueError(f"grow criterion {grow!r} is a {type(self.grow).__name__}, not a "
+                             "sparsegrow.grow.GrowCriterion (needs_signal, select)")
         self.allow_regrow = allow_regrow
         self.grow_init = grow_init
         self.optimizer = optimizer
-        self.generator = torch.Generator().manual_seed(seed)
+        self.generator = torch.Generator().manual_seed(seed)  # the same on every rank
+        self.dist = Collective(process_group, enabled=distributed)
 
         chosen = select_params(model, include)
         dense_set = set(dense_layers)
@@ -172,8 +187,10 @@ class Sparsifier:
         self.step_count = 0
         self.update_time_s = 0.0
         self.n_updates = 0
-        if self.dynamic and hasattr(self.grow, "attach"):
-            self.grow.attach(self.updated)
+        self.dist.check_topology(self.params, "at construction")
+        # what growth reads (dense gradient or layer rows), captured, summed and reduced here
+        need = self.grow.needs_signal if self.dynamic else None
+        self.signals = GrowSignals(need, self.updated, self.dist) if need is not None else None
         self._last_update = self.schedule.update_steps()[-1] if self.dynamic else 0
         self._arm(1)
 
@@ -202,22 +219,10 @@ class Sparsifier:
         Signals are captured on update steps only, or on every step of the schedule's window when
         the criterion accumulates them over the ΔT steps since the last update.
         """
-        if not self.dynamic:
+        if self.signals is None:
             return
-        on = self._is_update(step)
-        if self.grow.needs_dense_grad:
-            for p in self.updated:
-                if not hasattr(p, "capture_dense_grad"):
-                    raise ValueError(
-                        f"grow criterion needs the dense gradient, which {type(p).__name__} "
-                        f"({p.fqn}) never forms; use masked storage or grow='search'"
-                    )
-                p.capture_dense_grad = on
-                if not on:
-                    p.dense_grad = None
-        if hasattr(self.grow, "arm"):
-            window = getattr(self.grow, "accumulate", False) and self.schedule.start < step <= self._last_update
-            self.grow.arm(on or window)
+        window = self.signals.spec.accumulate and self.schedule.start < step <= self._last_update
+        self.signals.arm(self._is_update(step) or window)
 
     # -- the update --------------------------------------------------------------------------
 
@@ -225,6 +230,8 @@ class Sparsifier:
     def _update(self, step: int) -> dict:
         t0 = time.perf_counter()
         fraction = self.schedule.fraction_at(step)
+        # every layer's signal, summed over micro-batches, window steps and ranks (a collective)
+        signals = self.signals.collect() if self.signals is not None else {}
         layers = {}
         for p in self.updated:
             active = p.active()  # (nnz,) sorted
@@ -240,7 +247,9 @@ class Sparsifier:
             kept = torch.ones(nnz, dtype=torch.bool, device=active.device)
             kept[drop_pos] = False
             excluded = active[kept] if self.allow_regrow else active
-            grow_idx = self.grow.select(GrowContext(p, excluded, step), n, self.generator)
+            sig = signals.get(p.fqn)
+            ctx = GrowContext(p, excluded, step, sig)
+            grow_idx = self.grow.select(ctx, n, self.generator)
             regrown = isin_sorted(grow_idx, drop_idx)
             net_grow = grow_idx[~regrown]
             net_drop = drop_idx[~isin_sorted(drop_idx, grow_idx)]
@@ -248,15 +257,20 @@ class Sparsifier:
             self.ever_active[p.fqn] = union_sorted(self.ever_active[p.fqn], net_grow)
             layers[p.fqn] = {"dropped": n, "grown": n, "regrown": int(regrown.sum()),
                              "nnz": p.nnz()}
+            if sig is not None:  # steps summed; time in this rank's capture hooks
+                layers[p.fqn].update(signal_steps=sig.steps, signal_time_s=sig.time_s)
             # the grow criterion's own instrumentation (search: grow time, recall, quality)
-            layers[p.fqn].update(getattr(self.grow, "last_stats", {}).get(p.fqn, {}))
+            layers[p.fqn].update(ctx.stats)
+        self.dist.check_topology(self.updated, f"after the update at step {step}")
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             torch.cuda.synchronize()  # so time_s measures the work, not the launch
         dt = time.perf_counter() - t0
         self.update_time_s += dt
         self.n_updates += 1
+        comm = self.signals.last_comm if self.signals is not None else {"bytes": 0, "time_s": 0.0}
         return {
             "step": step, "fraction": fraction, "time_s": dt,
+            "signal_comm_bytes": comm["bytes"], "signal_comm_time_s": comm["time_s"],
             "dropped": sum(v["dropped"] for v in layers.values()),
             "grown": sum(v["grown"] for v in layers.values()),
             "regrown": sum(v["regrown"] for v in layers.values()),
@@ -301,8 +315,8 @@ class Sparsifier:
             "update_time_s": self.update_time_s,
             "n_updates": self.n_updates,
         }
-        if self.dynamic and hasattr(self.grow, "state_dict"):
-            state["grow"] = self.grow.state_dict()
+        if self.signals is not None:  # partial window sums included (a collective when distributed)
+            state["signal"] = self.signals.state_dict()
         return state
 
     def load_state_dict(self, state: dict) -> None:
@@ -316,9 +330,38 @@ class Sparsifier:
         self.ever_active = {k: v.clone() for k, v in state["ever_active"].items()}
         self.update_time_s = float(state["update_time_s"])
         self.n_updates = int(state["n_updates"])
-        if "grow" in state and hasattr(self.grow, "load_state_dict"):
-            self.grow.load_state_dict(state["grow"])
+        if self.signals is not None:
+            if "signal" in state:
+                self.signals.load_state_dict(state["signal"])
+            elif "grow" in state:  # checkpoints from before the signal component: generators only
+                self.signals.load_state_dict(state["grow"])
         self._arm(self.step_count + 1)
+
+
+def _check_wrapping(model: nn.Module, storage: str) -> None:
+    """Refuse the wrappers the Sparsifier cannot see through, with what to do instead."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    fsdp: tuple[type, ...] = ()
+    try:  # FSDP1 wrapper and FSDP2 (fully_shard) modules, where this torch build has them
+        from torch.distributed.fsdp import FullyShardedDataParallel
+        fsdp += (FullyShardedDataParallel,)
+        from torch.distributed.fsdp import FSDPModule
+        fsdp += (FSDPModule,)
+    except ImportError:
+        pass
+    for name, m in model.named_modules():
+        if fsdp and isinstance(m, fsdp):
+            kind = type(m).__name__
+            raise ValueError(
+                f"{name or 'the model'} is wrapped in FSDP ({kind}); FSDP shards and flattens "
+                "weights, so masks over whole weights cannot follow them. Supported: "
+                "DistributedDataParallel (wrap after building the Sparsifier) or a single process")
+    if isinstance(model, DistributedDataParallel) and storage != "masked":
+        raise ValueError(
+            f"storage={storage!r} replaces layers, which a DistributedDataParallel wrapper built "
+            "before cannot see: build the Sparsifier on the plain model, then wrap it in "
+            "DistributedDataParallel")
 
 
 def sparsify(model: nn.Module, density: float = 0.1, **kwargs) -> Sparsifier:

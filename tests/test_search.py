@@ -219,7 +219,7 @@ def test_search_method_equals_rigl_and_keeps_density():
             assert after[fqn].numel() == before[fqn].numel()  # exact density
             assert torch.equal(after[fqn], after_r[fqn])  # the same choice as RigL
         assert stats["grown"] > 0
-    layer_stats = sp_s.grow.last_stats
+    layer_stats = hist_s[-1][2]["layers"]
     assert set(layer_stats) == set(sp_s.masks())
     assert all(s["recall"] == 1.0 and s["grow_time_s"] > 0 for s in layer_stats.values())
 
@@ -234,22 +234,24 @@ def test_search_variants_never_grow_active_connections(grow_kwargs):
     for before, after, stats in hist:
         for fqn in after:
             assert after[fqn].numel() == before[fqn].numel()
-    for s in sp.grow.last_stats.values():
+    for s in hist[-1][2]["layers"].values():
         assert 0.0 <= s["recall"] <= 1.0 and 0.0 <= s["quality"] <= 1.0 + 1e-6
 
 
 def test_criterion_select_excludes_and_reports():
     layer = nn.Linear(40, 30)
     crit = GROW.get("search")(backend="lsh", k_similar=0.5, measure="sampled")
+    from sparsegrow.signals import GrowSignals
     from sparsegrow.topology import MaskedParam
     p = MaskedParam("w", layer, "weight", random_excluded(1200, 0.3, 0))
-    crit.attach([p])
-    crit.arm(True)
+    signals = GrowSignals(crit.needs_signal, [p])
+    signals.arm(True)
     layer(torch.randn(8, 40)).sum().backward()
-    idx = crit.select(GrowContext(p, p.active(), 1), 100, torch.Generator())
+    ctx = GrowContext(p, p.active(), 1, signals.collect()["w"])
+    idx = crit.select(ctx, 100, torch.Generator())
     assert idx.numel() == 100 and not isin_sorted(idx, p.active()).any()
     assert torch.equal(idx, torch.sort(idx).values)
-    assert crit.last_stats["w"]["recall_sampled"] is False  # 30 rows <= 256: measured exactly
+    assert ctx.stats["recall_sampled"] is False  # 30 rows <= 256: measured exactly
 
 
 def test_top_pairs_global_threshold_beats_per_query_on_skewed_rows():

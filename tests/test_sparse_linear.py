@@ -174,7 +174,8 @@ def grow_criteria():
     out = []
     for name in GROW.names():
         cls = GROW.get(name)
-        if getattr(cls, "needs_dense_grad", False):
+        spec = cls.needs_signal  # the class's default signal
+        if spec is not None and spec.kind == "dense_grad":
             continue  # refused on sparse storage; see test_rigl_refused
         out.append(name)
     return out
