@@ -40,7 +40,7 @@ def build(width, density, storage, grow, grow_kwargs, distributed):
 
 
 def measure(args, variant, distributed):
-    storage, grow, kw = VARIANTS[variant]
+    storage, grow, kw = {**VARIANTS, **DENSE}[variant]
     model, sp = build(args.width, args.density, storage, grow, kw, distributed)
     rank = dist.get_rank() if distributed else 0
     g = torch.Generator().manual_seed(rank)
@@ -95,7 +95,6 @@ def main(argv=None):
     p.add_argument("--dense", action="store_true", help="also RigL's dense-gradient all-reduce")
     args = p.parse_args(argv)
     args.variants = list(VARIANTS) + (list(DENSE) if args.dense else [])
-    VARIANTS.update(DENSE)
     torch.set_num_threads(args.threads)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
