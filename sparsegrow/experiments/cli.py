@@ -114,11 +114,27 @@ def make_parser() -> argparse.ArgumentParser:
     pl.set_defaults(func=_cmd_plot)
     ls = sub.add_parser("list", help="registered methods, distributions, criteria, models, data sets")
     ls.set_defaults(func=_cmd_list)
+    p.commands = sub.choices  # command name -> its parser, for parse_args
     return p
 
 
+def parse_args(argv=None) -> argparse.Namespace:
+    """The command line as a Namespace; `key=value` overrides may come anywhere after the command.
+
+    argparse cannot parse intermixed options and positionals through subparsers, so the top
+    level only finds the command, and the command's own parser reads the rest intermixed.
+    """
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = make_parser()
+    if argv and argv[0] in parser.commands:
+        args = parser.commands[argv[0]].parse_intermixed_args(argv[1:])
+        args.command = argv[0]
+        return args
+    return parser.parse_args(argv)  # help, or the error for an unknown command
+
+
 def main(argv=None) -> int:
-    args = make_parser().parse_args(argv)
+    args = parse_args(argv)
     from .config import ConfigError
     from .data import DatasetMissingError
 
