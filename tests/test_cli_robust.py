@@ -1,6 +1,6 @@
 """The command line under real use: overrides anywhere, resuming a run directory without retyping
 its config, step checkpoints, and one clear line (exit code 2) for every unreadable file."""
-import json
+import re
 from pathlib import Path
 
 import pytest
@@ -38,3 +38,103 @@ def test_sweep_overrides_may_come_after_options(tmp_path, capsys):
                  "--rows", "b"]) == 0
     out = capsys.readouterr().out.strip().splitlines()
     assert out == [f"{tmp_path / 'out/b/seed0'}: train.epochs=7 train.lr=0.5 seed=0"]
+
+
+def train_tiny(run_dir, *extra) -> int:
+    return main(["train", str(ROOT / "configs/fmnist_lenet.yaml"), *TINY, *extra,
+                 "--run-dir", str(run_dir), "--no-progress"])
+
+
+def train_tiny(run_dir, *extra) -> int:
+    return main(["train", str(ROOT / "configs/fmnist_lenet.yaml"), *TINY, *extra,
+                 "--run-dir", str(run_dir), "--no-progress"])
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("finished") / "r"
+    assert train_tiny(run, "train.epochs=1") == 0
+    return run
+
+
+def _torch_pickle_of_a_dict() -> bytes:
+    import io
+
+    import torch
+
+    buf = io.BytesIO()
+    torch.save({"model": {}}, buf)
+    return buf.getvalue()
+
+
+BAD_YAML = b"train: {epochs: [1, 2}\n"
+# (file in the run directory, its new content or a function of the old, command)
+DAMAGE = {
+    "config.yaml-syntax-resume": ("config.yaml", BAD_YAML, "resume"),
+    "config.yaml-list-resume": ("config.yaml", b"- a list\n- not a mapping\n", "resume"),
+    "config.yaml-unknown-key-resume": ("config.yaml", b"train: {epochz: 2}\n", "resume"),
+    "config.yaml-syntax-report": ("config.yaml", BAD_YAML, "report"),
+    "summary.json-cut-resume": ("summary.json", lambda b: b[:len(b) // 2], "resume"),
+    "summary.json-cut-report": ("summary.json", lambda b: b[:len(b) // 2], "report"),
+    "summary.json-cut-plot": ("summary.json", lambda b: b[:len(b) // 2], "plot"),
+    "summary.json-list-report": ("summary.json", b"[1, 2]\n", "report"),
+    "metrics.jsonl-line-plot": ("metrics.jsonl", lambda b: b + b'{"kind": "epo\n', "plot"),
+    "metrics.jsonl-line-resume": ("metrics.jsonl", lambda b: b"{oops" + b[5:], "resume-unfinished"),
+    "metrics.jsonl-cut-resume": ("metrics.jsonl", lambda b: b[:len(b) // 2], "resume-unfinished"),
+    "checkpoint.pt-cut-resume": ("checkpoint.pt", lambda b: b[:len(b) // 2], "resume-unfinished"),
+    "checkpoint.pt-foreign-resume": ("checkpoint.pt", _torch_pickle_of_a_dict(), "resume-unfinished"),
+}
+
+
+@needs_fmnist
+@pytest.mark.parametrize("case", DAMAGE)
+def test_damaged_run_file_is_one_line_naming_it(case, finished_run, tmp_path, capsys):
+    import shutil
+
+    name, content, command = DAMAGE[case]
+    run = tmp_path / "r"
+    shutil.copytree(finished_run, run)
+    path = run / name
+    path.write_bytes(content(path.read_bytes()) if callable(content) else content)
+    if command == "resume-unfinished":  # interrupted after its last checkpoint
+        (run / "summary.json").unlink()
+    if command == "report":
+        assert main(["report", str(run)]) == 2
+    elif command == "plot":
+        assert main(["plot", "accuracy", str(run), "--out", str(tmp_path / "p.png")]) == 2
+    else:
+        assert train_tiny(run, "train.epochs=1", "--resume") == 2
+    err = one_line_error(capsys)
+    assert err.startswith(f"sparsegrow: error: {path}: "), err
+    if name == "metrics.jsonl" and command != "plot":  # the log was not extended or rewritten
+        assert path.read_bytes() == (content(finished_run.joinpath(name).read_bytes())
+                                     if callable(content) else content)
+
+
+@pytest.mark.parametrize("command", ["train", "sweep"])
+def test_yaml_syntax_error_is_one_line_naming_the_file(command, tmp_path, capsys):
+    path = tmp_path / "bad.yaml"
+    path.write_bytes(b"seed: 1\n" + BAD_YAML)
+    assert main([command, str(path), "--run-dir" if command == "train" else "--dry-run",
+                 *([str(tmp_path / "r")] if command == "train" else [])]) == 2
+    err = one_line_error(capsys)
+    assert err.startswith(f"sparsegrow: error: {path}: not valid YAML (line 2, column 22: "), err
+
+
+@pytest.mark.parametrize("device,cuda_devices,match", [
+    ("cuda", None, r"train.device='cuda', but this torch build \(.*\) has no CUDA support"),
+    ("cuda", 0, "train.device='cuda', but no CUDA device is visible"),
+    ("cuda:2", 2, r"train.device='cuda:2', but only 2 CUDA device\(s\) are visible \(cuda:0..cuda:1\)"),
+    ("gpu", 1, "train.device must be cpu, cuda or cuda:N, got 'gpu'"),
+])
+def test_unavailable_device_is_one_line_before_any_data_is_read(device, cuda_devices, match, tmp_path,
+                                                                monkeypatch, capsys):
+    import torch
+
+    # This machine's CUDA, as the case has it: no CUDA build (None), or n visible devices.
+    monkeypatch.setattr(torch.backends.cuda, "is_built", lambda: cuda_devices is not None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: bool(cuda_devices))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: cuda_devices or 0)
+    # data.root holds no data set: the device is checked before the data is looked for.
+    assert train_tiny(tmp_path / "r", f"train.device={device}", f"data.root={tmp_path}") == 2
+    assert re.search(match, one_line_error(capsys))

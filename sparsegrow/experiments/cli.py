@@ -137,10 +137,11 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from .config import ConfigError
     from .data import DatasetMissingError
+    from .results import CorruptFileError
 
     try:
         return args.func(args)
-    except (ConfigError, DatasetMissingError, ValueError, FileNotFoundError, ImportError) as e:
+    except (ConfigError, CorruptFileError, DatasetMissingError, ValueError, OSError, ImportError) as e:
         print(f"sparsegrow: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -7,6 +7,7 @@ the library (Sparsifier, UpdateSchedule, grow criteria) plus the training loop's
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -212,6 +213,19 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.strip().split("."), value
 
 
+def read_yaml(path: str | Path) -> Any:
+    """The YAML document in `path`, or a one-line ConfigError naming the file and the bad line."""
+    try:
+        return yaml.safe_load(Path(path).read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        what = getattr(e, "problem", None) or " ".join(str(e).split())
+        raise ConfigError(f"{path}: not valid YAML ({where}{what})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not valid YAML (not UTF-8 text)") from None
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
     """Defaults, then the YAML file at `path`, then dotted `key=value` overrides."""
     data: dict = {}
@@ -219,7 +233,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file {str(p)!r} not found")
-        loaded = yaml.safe_load(p.read_text()) or {}
+        loaded = read_yaml(p) or {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {str(p)!r} must hold a mapping, got {type(loaded).__name__}")
         data = loaded
@@ -248,6 +262,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.epochs must be >= 1, got {t.epochs}")
     if t.eval_every < 1:
         raise ConfigError(f"train.eval_every must be an epoch count >= 1, got {t.eval_every}")
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", t.device):
+        raise ConfigError(f"train.device must be cpu, cuda or cuda:N, got {t.device!r}")
     if t.batch_size < 1:
         raise ConfigError(f"train.batch_size must be >= 1, got {t.batch_size}")
     if t.optimizer not in ("sgd", "adam", "adamw"):

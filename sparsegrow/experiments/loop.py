@@ -11,7 +11,6 @@ in the checkpoint, so a resumed run reproduces an uninterrupted one on the same 
 """
 from __future__ import annotations
 
-import json
 import platform
 import resource
 import time
@@ -21,11 +20,12 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .build import build_optimizer, build_sparsifier, lr_at
-from .config import Config, ConfigError, dump_config, from_dict
+from .build import build_optimizer, build_sparsifier, lr_at, resolve_device
+from .config import Config, ConfigError, dump_config, from_dict, read_yaml
 from .data import load_dataset, steps_per_epoch
 from .models import build_model
-from .results import MetricsLog, atomic_torch_save, atomic_write_json, atomic_write_text
+from .results import (CorruptFileError, MetricsLog, atomic_torch_save, atomic_write_json,
+                      atomic_write_text, load_checkpoint, read_json)
 
 
 class Timer:
@@ -61,14 +61,19 @@ def evaluate(model, data, batch_size: int, device) -> tuple[float, float]:
     return loss_sum / n, correct / n
 
 
-def _stored_config(path: Path) -> str:
-    """A run's stored config, re-read with today's defaults for keys added since it ran."""
-    import yaml
-
+def read_run_config(run_dir: str | Path) -> Config | None:
+    """The config a run directory was started with (its config.yaml, read with today's defaults
+    for keys added since), or None if it has none; a damaged file is an error naming it."""
+    path = Path(run_dir) / "config.yaml"
+    if not path.exists():
+        return None
+    data = read_yaml(path)
+    if not isinstance(data, dict):
+        raise CorruptFileError(f"{path}: should hold a mapping of config keys, holds {type(data).__name__}")
     try:
-        return dump_config(from_dict(yaml.safe_load(path.read_text())))
-    except ConfigError:
-        return path.read_text()
+        return from_dict(data)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
 
 
 def train(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool = True) -> dict:
@@ -76,13 +81,13 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool
     run_dir = Path(run_dir)
     ckpt_path = run_dir / "checkpoint.pt"
     resolved = dump_config(cfg)
-    has_config = (run_dir / "config.yaml").exists()
-    if resume and has_config and _stored_config(run_dir / "config.yaml") != resolved:
+    saved = read_run_config(run_dir) if resume else None
+    if saved is not None and dump_config(saved) != resolved:
         raise ConfigError(f"run directory {str(run_dir)!r} holds a run of a different config; "
                           "choose another run directory (or delete it)")
     if (run_dir / "summary.json").exists():
         if resume:
-            return json.loads((run_dir / "summary.json").read_text())
+            return read_json(run_dir / "summary.json")
         raise ConfigError(f"run directory {str(run_dir)!r} already holds a finished run; "
                           "pass --resume to keep it or choose another run directory")
     if ckpt_path.exists() and not resume:
@@ -92,7 +97,7 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool
     t = cfg.train
     if t.threads:
         torch.set_num_threads(t.threads)
-    device = torch.device(t.device)
+    device = resolve_device(t.device)
     torch.manual_seed(cfg.seed)
     data = load_dataset(cfg.data.dataset, root=cfg.data.root, pad_to=cfg.data.pad_to,
                         train_subset=cfg.data.train_subset, seed=cfg.seed,
@@ -124,7 +129,7 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool
     atomic_write_text(run_dir / "config.yaml", resolved)
     start_epoch, step, train_time, phase_totals, log_len = 0, 0, 0.0, {}, 0
     if resume and ckpt_path.exists():
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
+        ckpt = load_checkpoint(ckpt_path, device)
         model.load_state_dict(ckpt["model"])
         sparsifier.load_state_dict(ckpt["sparsifier"])
         optimizer.load_state_dict(ckpt["optimizer"])

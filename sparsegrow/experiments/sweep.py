@@ -24,10 +24,9 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
 from tqdm.auto import tqdm
 
-from .config import ConfigError, load_config
+from .config import ConfigError, load_config, read_yaml
 from .loop import train
 
 SWEEP_KEYS = {"base", "output", "seeds", "overrides", "smoke", "smoke_seeds", "rows", "grid",
@@ -50,7 +49,9 @@ def load_sweep(path: str | Path, smoke: bool = False, extra: list[str] = ()) -> 
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"sweep file {str(path)!r} not found")
-    spec = yaml.safe_load(path.read_text()) or {}
+    spec = read_yaml(path) or {}
+    if not isinstance(spec, dict):
+        raise ConfigError(f"sweep file {str(path)!r} must hold a mapping, got {type(spec).__name__}")
     unknown = set(spec) - SWEEP_KEYS
     if unknown:
         raise ConfigError(f"unknown sweep key(s) {sorted(unknown)}; allowed: {sorted(SWEEP_KEYS)}")
