@@ -1,5 +1,6 @@
 """The command line under real use: overrides anywhere, resuming a run directory without retyping
 its config, step checkpoints, and one clear line (exit code 2) for every unreadable file."""
+import json
 import re
 from pathlib import Path
 
@@ -48,6 +49,29 @@ def train_tiny(run_dir, *extra) -> int:
 def train_tiny(run_dir, *extra) -> int:
     return main(["train", str(ROOT / "configs/fmnist_lenet.yaml"), *TINY, *extra,
                  "--run-dir", str(run_dir), "--no-progress"])
+
+
+def test_resume_without_a_checkpoint_is_an_error(tmp_path, capsys):
+    for run in (tmp_path / "new", tmp_path / "crashed_in_epoch_1"):
+        if run.name.startswith("crashed"):  # what a run leaves before its first checkpoint
+            run.mkdir()
+            (run / "metrics.jsonl").write_text('{"kind": "update", "epoch": 0}\n')
+        assert train_tiny(run, "--resume") == 2
+        err = one_line_error(capsys)
+        assert "holds no checkpoint to continue" in err and "without --resume" in err, err
+        assert not (run / "summary.json").exists() and not (run / "checkpoint.pt").exists()
+
+
+@needs_fmnist
+def test_resume_after_the_last_checkpoint_keeps_its_test_accuracy(tmp_path):
+    # Interrupted between the last checkpoint and summary.json: the resumed run trains nothing
+    # and must report the test accuracy measured before the interruption, not NaN.
+    assert train_tiny(tmp_path / "r", "train.epochs=1") == 0
+    first = json.loads((tmp_path / "r/summary.json").read_text())
+    (tmp_path / "r/summary.json").unlink()
+    assert train_tiny(tmp_path / "r", "train.epochs=1", "--resume") == 0
+    resumed = json.loads((tmp_path / "r/summary.json").read_text())
+    assert resumed["test_acc"] == first["test_acc"] and resumed["steps"] == first["steps"] == 4
 
 
 @pytest.fixture(scope="module")

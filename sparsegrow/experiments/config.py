@@ -97,6 +97,7 @@ class DSTConfig:
 class OutputConfig:
     dir: str = "runs"
     checkpoint_every: int = 1  # epochs
+    checkpoint_steps: int | None = None  # also every n optimizer steps (mid-epoch); None: off
 
 
 @dataclass
@@ -276,6 +277,11 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"sparsity.update_every must be a step count >= 1 or 'epoch', got {s.update_every!r}")
     if s.update_end <= 0:
         raise ConfigError(f"sparsity.update_end must be a fraction in (0, 1] or a step count > 1, got {s.update_end}")
+    o = cfg.output
+    if o.checkpoint_every < 1:
+        raise ConfigError(f"output.checkpoint_every must be an epoch count >= 1, got {o.checkpoint_every}")
+    if o.checkpoint_steps is not None and o.checkpoint_steps < 1:
+        raise ConfigError(f"output.checkpoint_steps must be a step count >= 1 or null, got {o.checkpoint_steps}")
 
 
 def dump_config(cfg: Config) -> str:

@@ -2,12 +2,16 @@
 
     run_dir/config.yaml     the resolved config
     run_dir/metrics.jsonl   {"kind": "epoch", ...} per epoch, {"kind": "update", ...} per update
-    run_dir/checkpoint.pt   model, optimizer, sparsifier, RNG states, log length (every epoch)
+    run_dir/checkpoint.pt   model, optimizer, sparsifier, RNG states, position (epoch, batch, step),
+                            log length; every output.checkpoint_every epochs and, if set, every
+                            output.checkpoint_steps optimizer steps (mid-epoch)
     run_dir/summary.json    the final numbers, written last
 
 Determinism: the data order and augmentation of epoch e come from a generator seeded with
 (seed, e), the sparsifier carries its own generator, and the global torch RNG (dropout) is saved
-in the checkpoint, so a resumed run reproduces an uninterrupted one on the same machine.
+in the checkpoint, so a resumed run reproduces an uninterrupted one on the same machine. A
+checkpoint taken mid-epoch records how many of the epoch's batches were trained; the resumed
+epoch draws the same permutation and augmentation from its generator and discards those batches.
 """
 from __future__ import annotations
 
@@ -76,23 +80,37 @@ def read_run_config(run_dir: str | Path) -> Config | None:
         raise ConfigError(f"{path}: {e}") from None
 
 
+def has_progress(run_dir: str | Path) -> bool:
+    """Whether train(resume=True) has something to continue or return: a checkpoint or a summary."""
+    return (Path(run_dir) / "checkpoint.pt").exists() or (Path(run_dir) / "summary.json").exists()
+
+
 def train(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool = True) -> dict:
-    """Train one run; returns the summary dict (also written to run_dir/summary.json)."""
+    """Train one run; returns the summary dict (also written to run_dir/summary.json).
+
+    resume: continue the run in run_dir (of the same config) from its checkpoint, an error if it
+        has none, or return its summary if it finished.
+    """
     run_dir = Path(run_dir)
-    ckpt_path = run_dir / "checkpoint.pt"
-    resolved = dump_config(cfg)
-    saved = read_run_config(run_dir) if resume else None
-    if saved is not None and dump_config(saved) != resolved:
-        raise ConfigError(f"run directory {str(run_dir)!r} holds a run of a different config; "
-                          "choose another run directory (or delete it)")
-    if (run_dir / "summary.json").exists():
-        if resume:
-            return read_json(run_dir / "summary.json")
-        raise ConfigError(f"run directory {str(run_dir)!r} already holds a finished run; "
-                          "pass --resume to keep it or choose another run directory")
-    if ckpt_path.exists() and not resume:
-        raise ConfigError(f"run directory {str(run_dir)!r} already holds a checkpoint; "
-                          "pass --resume to continue it or choose another run directory")
+    ckpt_path, summary_path = run_dir / "checkpoint.pt", run_dir / "summary.json"
+    if resume:
+        saved = read_run_config(run_dir)
+        if saved is not None and dump_config(saved) != dump_config(cfg):
+            raise ConfigError(f"run directory {str(run_dir)!r} holds a run of a different config; "
+                              "choose another run directory (or delete it)")
+        if summary_path.exists():
+            return read_json(summary_path)
+        if not ckpt_path.exists():
+            raise ConfigError(f"--resume: run directory {str(run_dir)!r} holds no checkpoint to continue "
+                              "(nothing trained, or interrupted before the first checkpoint); "
+                              "train without --resume to start it")
+    else:
+        if summary_path.exists():
+            raise ConfigError(f"run directory {str(run_dir)!r} already holds a finished run; "
+                              "pass --resume to keep it or choose another run directory")
+        if ckpt_path.exists():
+            raise ConfigError(f"run directory {str(run_dir)!r} already holds a checkpoint; "
+                              "pass --resume to continue it or choose another run directory")
 
     t = cfg.train
     if t.threads:
@@ -125,31 +143,51 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool
     sparsifier.attach(optimizer)
     extra_loss = getattr(sparsifier, "loss", None)  # DST's sparsity regulariser
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / "config.yaml", resolved)
-    start_epoch, step, train_time, phase_totals, log_len = 0, 0, 0.0, {}, 0
-    if resume and ckpt_path.exists():
+    start_epoch, start_batch, step = 0, 0, 0  # where training stands: batches of epoch, steps
+    train_time, phase_totals, log_len = 0.0, {}, 0
+    sums = (0.0, 0, 0)  # (train loss sum, correct, seen) of the epoch in progress
+    test_loss = test_acc = float("nan")
+    if resume:
         ckpt = load_checkpoint(ckpt_path, device)
         model.load_state_dict(ckpt["model"])
         sparsifier.load_state_dict(ckpt["sparsifier"])
         optimizer.load_state_dict(ckpt["optimizer"])
         torch.set_rng_state(ckpt["torch_rng"])
-        start_epoch, step = ckpt["epoch"], ckpt["step"]
+        start_epoch, start_batch, step = ckpt["epoch"], ckpt.get("batch", 0), ckpt["step"]
+        if step != start_epoch * spe + start_batch:
+            raise CorruptFileError(f"{ckpt_path}: step {step} is not batch {start_batch} of epoch "
+                                   f"{start_epoch + 1} at {spe} steps per epoch; not this run's checkpoint")
         train_time, phase_totals, log_len = ckpt["train_time_s"], ckpt["phases"], ckpt["log_len"]
+        sums = tuple(ckpt.get("epoch_sums", sums))
+        test_loss, test_acc = ckpt.get("test_loss", test_loss), ckpt.get("test_acc", test_acc)
     log = MetricsLog(run_dir / "metrics.jsonl", truncate_to=log_len)
+    atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
 
-    test_loss = test_acc = float("nan")
+    def save_checkpoint(epoch: int, batch: int, train_time_s: float, phases: dict, epoch_sums) -> None:
+        """Commit the log, then write where training stands: `batch` batches of epoch `epoch`
+        (0-based) trained, `step` steps in all."""
+        atomic_torch_save({
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "sparsifier": sparsifier.state_dict(), "torch_rng": torch.get_rng_state(),
+            "epoch": epoch, "batch": batch, "step": step, "epoch_sums": list(epoch_sums),
+            "train_time_s": train_time_s, "phases": dict(phases), "log_len": log.commit(),
+            "test_loss": test_loss, "test_acc": test_acc,  # of the last evaluated epoch
+        }, ckpt_path)
+
     try:
         for epoch in range(start_epoch, t.epochs):
             gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
+            batches = data.train_batches(t.batch_size, gen, augment=cfg.data.augment)
+            first = start_batch if epoch == start_epoch else 0
+            for _ in range(first):  # trained before a mid-epoch checkpoint: draw, discard
+                next(batches)
+            loss_sum, correct, seen = sums if first else (0.0, 0, 0)
             timer = Timer(device)
             timer.totals = dict(phase_totals)
             epoch_t0 = time.perf_counter()
-            loss_sum, correct, seen = 0.0, 0, 0
-            bar = tqdm(data.train_batches(t.batch_size, gen, augment=cfg.data.augment), total=spe,
-                       desc=f"epoch {epoch + 1}/{t.epochs}", disable=not progress, leave=False,
-                       dynamic_ncols=True)
-            for xb, yb in bar:
+            bar = tqdm(batches, total=spe, initial=first, desc=f"epoch {epoch + 1}/{t.epochs}",
+                       disable=not progress, leave=False, dynamic_ncols=True)
+            for batch, (xb, yb) in enumerate(bar, start=first):
                 for group in optimizer.param_groups:
                     group["lr"] = lr_at(cfg, step, total_steps, spe)
                 xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
@@ -175,6 +213,11 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool
                     rep = sparsifier.report()
                     bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}",
                                     density=f"{rep['global_density']:.4f}")
+                if cfg.output.checkpoint_steps and step % cfg.output.checkpoint_steps == 0:
+                    saving_t0 = time.perf_counter()
+                    save_checkpoint(epoch, batch + 1, train_time + saving_t0 - epoch_t0, timer.totals,
+                                    (loss_sum, correct, seen))
+                    epoch_t0 += time.perf_counter() - saving_t0  # writing it is not training time
             bar.close()
             train_time += time.perf_counter() - epoch_t0
             phase_totals = timer.totals
@@ -198,13 +241,7 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool
                            f"{'-' if test_acc is None else f'{test_acc:.4f}'}  "
                            f"density {rep['global_density']:.4f}  itop {rep['itop']:.4f}")
             if (epoch + 1) % cfg.output.checkpoint_every == 0 or epoch + 1 == t.epochs:
-                log_len = log.commit()
-                atomic_torch_save({
-                    "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "sparsifier": sparsifier.state_dict(), "torch_rng": torch.get_rng_state(),
-                    "epoch": epoch + 1, "step": step, "train_time_s": train_time,
-                    "phases": phase_totals, "log_len": log_len,
-                }, ckpt_path)
+                save_checkpoint(epoch + 1, 0, train_time, phase_totals, (0.0, 0, 0))
     finally:
         log.close()
 

@@ -27,7 +27,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from .config import ConfigError, load_config, read_yaml
-from .loop import train
+from .loop import has_progress, train
 
 SWEEP_KEYS = {"base", "output", "seeds", "overrides", "smoke", "smoke_seeds", "rows", "grid",
               "description"}
@@ -108,6 +108,6 @@ def run_sweep(path: str | Path, smoke: bool = False, extra: list[str] = (), prog
             print(f"{job.run_dir}: {' '.join(job.overrides)}")
             continue
         cfg = load_config(base, job.overrides)
-        summaries.append(train(cfg, job.run_dir, resume=True, progress=progress))
+        summaries.append(train(cfg, job.run_dir, resume=has_progress(job.run_dir), progress=progress))
     bar.close()
     return summaries
