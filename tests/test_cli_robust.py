@@ -46,9 +46,47 @@ def train_tiny(run_dir, *extra) -> int:
                  "--run-dir", str(run_dir), "--no-progress"])
 
 
-def train_tiny(run_dir, *extra) -> int:
-    return main(["train", str(ROOT / "configs/fmnist_lenet.yaml"), *TINY, *extra,
-                 "--run-dir", str(run_dir), "--no-progress"])
+@needs_fmnist
+def test_resume_reuses_the_run_config_and_names_every_changed_key(tmp_path, capsys):
+    run = tmp_path / "r"
+    assert train_tiny(run, "train.epochs=1") == 0
+    before = yaml.safe_load((run / "config.yaml").read_text())
+    first = (run / "summary.json").read_text()
+    # Nothing retyped: the finished run is kept as it is.
+    assert main(["train", "--resume", "--run-dir", str(run), "--no-progress"]) == 0
+    assert (run / "summary.json").read_text() == first
+    # Only the overrides that may change: a longer run, a different evaluation cadence.
+    assert main(["train", "--resume", "train.epochs=2", "--run-dir", str(run), "train.eval_every=2",
+                 "--no-progress"]) == 0
+    after = yaml.safe_load((run / "config.yaml").read_text())
+    assert after["train"].pop("epochs") == 2 and after["train"].pop("eval_every") == 2
+    del before["train"]["epochs"], before["train"]["eval_every"]
+    assert after == before  # the rest is the run's own config, not fmnist_lenet.yaml's
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["epochs"] == 2 and summary["steps"] == 8
+    capsys.readouterr()
+    # Anything else: one error naming each differing key with its old and new value.
+    assert main(["train", "--resume", "--run-dir", str(run), "train.lr=0.5", "sparsity.density=0.2",
+                 "train.epochs=3", "--no-progress"]) == 2
+    err = one_line_error(capsys)
+    assert "sparsity.density: 0.02 -> 0.2" in err and "train.lr: 0.1 -> 0.5" in err, err
+    differences = re.search(r"different config \((.*)\); only", err).group(1)
+    assert "train.epochs" not in differences  # may change on resume
+    assert json.loads((run / "summary.json").read_text()) == summary  # untouched
+    # A CONFIG may still be given; it is compared the same way.
+    assert main(["train", str(ROOT / "configs/fmnist_lenet.yaml"), "--resume", "--run-dir", str(run),
+                 "--no-progress"]) == 2
+    assert "model.name: 'mlp' -> 'lenet300100'" in one_line_error(capsys)
+    (run / "config.yaml").write_text("train: {epochs: [1, 2}\n")
+    assert main(["train", "--resume", "--run-dir", str(run)]) == 2
+    assert one_line_error(capsys).startswith(f"sparsegrow: error: {run / 'config.yaml'}: not valid YAML")
+
+
+def test_resume_needs_a_config_or_a_run_config(tmp_path, capsys):
+    assert main(["train", "--run-dir", str(tmp_path), "train.epochs=2"]) == 2
+    assert "train needs a CONFIG file" in one_line_error(capsys)
+    assert main(["train", "--resume", "--run-dir", str(tmp_path), "train.epochs=2"]) == 2
+    assert "config.yaml' not found" in one_line_error(capsys)
 
 
 def test_resume_without_a_checkpoint_is_an_error(tmp_path, capsys):
@@ -60,6 +98,40 @@ def test_resume_without_a_checkpoint_is_an_error(tmp_path, capsys):
         err = one_line_error(capsys)
         assert "holds no checkpoint to continue" in err and "without --resume" in err, err
         assert not (run / "summary.json").exists() and not (run / "checkpoint.pt").exists()
+
+
+@needs_fmnist
+def test_extending_a_finished_run_follows_the_schedules_of_the_new_length(tmp_path, capsys):
+    from sparsegrow.experiments import loop
+    from sparsegrow.experiments.build import lr_at, resolve_schedule
+    from sparsegrow.experiments.config import ConfigError, load_config
+
+    # 4 steps per epoch; updates every 2 steps before the end of training (update_end = 1).
+    args = TINY + ["sparsity.update_end=1.0", "train.lr_schedule=cosine"]
+    short = loop.train(load_config(None, args + ["train.epochs=2"]), tmp_path / "r", progress=False)
+    short_log = (tmp_path / "r/metrics.jsonl").read_text().splitlines()
+    updates = [json.loads(line)["step"] for line in short_log if '"kind": "update"' in line]
+    assert updates == [2, 4, 6]  # the 2-epoch schedule ends at step 8
+
+    cfg3 = load_config(None, args + ["train.epochs=3"])
+    extended = loop.train(cfg3, tmp_path / "r", resume=True, progress=False)
+    assert extended["epochs"] == 3 and extended["steps"] == 12
+    assert extended["epochs_changes"] == [{"step": 8, "from": 2, "to": 3}]
+    log = (tmp_path / "r/metrics.jsonl").read_text().splitlines()
+    assert log[:len(short_log)] == short_log  # the two trained epochs stay as they were
+    new = [json.loads(line) for line in log[len(short_log):]]
+    # The 3-epoch schedules from step 8 on: the lr of the 12-step cosine (not the 8-step one,
+    # which has ended), and topology updates again, at the 12-step schedule's update fraction.
+    assert new[-1]["kind"] == "epoch" and new[-1]["lr"] == lr_at(cfg3, 11, 12, 4) > 0
+    assert [(r["step"], r["fraction"]) for r in new if r["kind"] == "update"] == [
+        (10, resolve_schedule(cfg3, 4, 12).fraction_at(10))]
+    assert json.loads((tmp_path / "r/summary.json").read_text()) == extended  # rewritten
+    # The report tells the extended run from one trained 3 epochs from the start.
+    assert main(["report", str(tmp_path / "r")]) == 0
+    assert "| 3 (2 until step 8) |" in capsys.readouterr().out
+    with pytest.raises(ConfigError, match="can be extended, not shortened"):
+        loop.train(load_config(None, args + ["train.epochs=2"]), tmp_path / "r", resume=True,
+                   progress=False)
 
 
 @needs_fmnist

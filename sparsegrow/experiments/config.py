@@ -284,5 +284,36 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"output.checkpoint_steps must be a step count >= 1 or null, got {o.checkpoint_steps}")
 
 
+# What a resumed run may change: how long it trains (see loop.py, "Changing train.epochs on
+# resume"), when it evaluates and checkpoints, and where or how fast it reads and computes.
+# Everything else would make the run a mixture of two experiments.
+RESUMABLE_KEYS = ("train.epochs", "train.eval_every", "train.threads", "output.checkpoint_every",
+                  "output.checkpoint_steps", "output.dir", "data.root")
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    """{"train": {"lr": 0.1}} -> {"train.lr": 0.1}, down to every leaf (model.kwargs included)."""
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(_flat(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def check_resumable(saved: Config, cfg: Config, where: str) -> None:
+    """Raise one ConfigError naming every key (other than RESUMABLE_KEYS) in which `cfg` differs
+    from the config `saved` that the run at `where` was started with."""
+    old, new = _flat(saved.to_dict()), _flat(cfg.to_dict())
+    diffs = [f"{k}: {old.get(k, '<unset>')!r} -> {new.get(k, '<unset>')!r}"
+             for k in sorted(old.keys() | new.keys())
+             if old.get(k, "<unset>") != new.get(k, "<unset>") and k not in RESUMABLE_KEYS]
+    if diffs:
+        raise ConfigError(f"{where} holds a run of a different config ({'; '.join(diffs)}); only "
+                          f"{', '.join(RESUMABLE_KEYS)} may change on resume: choose another run directory")
+
+
 def dump_config(cfg: Config) -> str:
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

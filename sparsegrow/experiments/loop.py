@@ -12,6 +12,17 @@ Determinism: the data order and augmentation of epoch e come from a generator se
 in the checkpoint, so a resumed run reproduces an uninterrupted one on the same machine. A
 checkpoint taken mid-epoch records how many of the epoch's batches were trained; the resumed
 epoch draws the same permutation and augmentation from its generator and discards those batches.
+
+Changing train.epochs on resume. The learning-rate schedule and the sparsity schedule (its end
+`update_end` when a fraction, and the decay of the update fraction up to it) are functions of the
+total step count, steps_per_epoch * train.epochs. A resumed run with a different train.epochs
+keeps the steps already taken as they were and follows the schedules of the new total from its
+checkpoint on, as if it had been planned that long: with cosine lr the rate jumps from the old
+curve up to the new one, and topology updates that had stopped at the old end resume until the
+new one. That is not the same as training the new length from the start, so each change is
+recorded in the checkpoint and the summary ("epochs_changes": [{"step", "from", "to"}]) and the
+report shows it beside the epoch count. A finished run can be extended; an unfinished one can also
+be shortened, to more epochs than it has trained.
 """
 from __future__ import annotations
 
@@ -25,7 +36,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .build import build_optimizer, build_sparsifier, lr_at, resolve_device
-from .config import Config, ConfigError, dump_config, from_dict, read_yaml
+from .config import Config, ConfigError, check_resumable, dump_config, from_dict, read_yaml
 from .data import load_dataset, steps_per_epoch
 from .models import build_model
 from .results import (CorruptFileError, MetricsLog, atomic_torch_save, atomic_write_json,
@@ -88,18 +99,26 @@ def has_progress(run_dir: str | Path) -> bool:
 def train(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool = True) -> dict:
     """Train one run; returns the summary dict (also written to run_dir/summary.json).
 
-    resume: continue the run in run_dir (of the same config) from its checkpoint, an error if it
-        has none, or return its summary if it finished.
+    resume: continue the run in run_dir from its checkpoint (an error if it has none), or return
+        its summary if it finished at cfg.train.epochs. cfg may differ from the run's config.yaml
+        only in config.RESUMABLE_KEYS; a different train.epochs extends or shortens the run as
+        the module docstring says.
     """
     run_dir = Path(run_dir)
     ckpt_path, summary_path = run_dir / "checkpoint.pt", run_dir / "summary.json"
+    saved = None
     if resume:
         saved = read_run_config(run_dir)
-        if saved is not None and dump_config(saved) != dump_config(cfg):
-            raise ConfigError(f"run directory {str(run_dir)!r} holds a run of a different config; "
-                              "choose another run directory (or delete it)")
+        if saved is not None:
+            check_resumable(saved, cfg, f"run directory {str(run_dir)!r}")
         if summary_path.exists():
-            return read_json(summary_path)
+            summary = read_json(summary_path)
+            finished = summary.get("epochs", cfg.train.epochs)
+            if finished == cfg.train.epochs:
+                return summary
+            if finished > cfg.train.epochs:
+                raise ConfigError(f"train.epochs={cfg.train.epochs}: run directory {str(run_dir)!r} "
+                                  f"finished {finished} epochs; a finished run can be extended, not shortened")
         if not ckpt_path.exists():
             raise ConfigError(f"--resume: run directory {str(run_dir)!r} holds no checkpoint to continue "
                               "(nothing trained, or interrupted before the first checkpoint); "
@@ -147,6 +166,7 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool
     train_time, phase_totals, log_len = 0.0, {}, 0
     sums = (0.0, 0, 0)  # (train loss sum, correct, seen) of the epoch in progress
     test_loss = test_acc = float("nan")
+    epochs_changes: list[dict] = []  # {"step", "from", "to"} per change of train.epochs
     if resume:
         ckpt = load_checkpoint(ckpt_path, device)
         model.load_state_dict(ckpt["model"])
@@ -157,9 +177,17 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool
         if step != start_epoch * spe + start_batch:
             raise CorruptFileError(f"{ckpt_path}: step {step} is not batch {start_batch} of epoch "
                                    f"{start_epoch + 1} at {spe} steps per epoch; not this run's checkpoint")
+        trained = start_epoch + (start_batch > 0)  # epochs begun
+        planned = ckpt.get("epochs", saved.train.epochs if saved else t.epochs)
+        if t.epochs < trained or (t.epochs == trained and planned != t.epochs):
+            raise ConfigError(f"train.epochs={t.epochs}: the checkpoint in {str(run_dir)!r} has begun "
+                              f"{trained} epoch(s); a run can be shortened only to more epochs than that")
         train_time, phase_totals, log_len = ckpt["train_time_s"], ckpt["phases"], ckpt["log_len"]
         sums = tuple(ckpt.get("epoch_sums", sums))
         test_loss, test_acc = ckpt.get("test_loss", test_loss), ckpt.get("test_acc", test_acc)
+        epochs_changes = list(ckpt.get("epochs_changes", []))
+        if planned != t.epochs:
+            epochs_changes.append({"step": step, "from": planned, "to": t.epochs})
     log = MetricsLog(run_dir / "metrics.jsonl", truncate_to=log_len)
     atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
 
@@ -172,6 +200,7 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool
             "epoch": epoch, "batch": batch, "step": step, "epoch_sums": list(epoch_sums),
             "train_time_s": train_time_s, "phases": dict(phases), "log_len": log.commit(),
             "test_loss": test_loss, "test_acc": test_acc,  # of the last evaluated epoch
+            "epochs": t.epochs, "epochs_changes": epochs_changes,
         }, ckpt_path)
 
     try:
@@ -252,6 +281,7 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool
         "target_density": None if cfg.sparsity.method == "dst" else
         (1.0 if cfg.sparsity.method == "dense" else cfg.sparsity.density), "density": rep["global_density"],
         "layer_density": rep["layers"], "itop": rep["itop"], "epochs": t.epochs, "steps": step,
+        "epochs_changes": epochs_changes,
         "test_acc": test_acc, "test_loss": test_loss, "train_time_s": train_time,
         "update_time_s": rep["update_time_s"], "n_updates": rep["n_updates"],
         "phases_s": phase_totals,

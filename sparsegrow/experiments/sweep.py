@@ -15,7 +15,9 @@
       sparsity.density: [0.02, 0.05]
 
 Each (row, seed) trains into <output>/<label>/seed<seed>; finished runs are skipped and
-interrupted ones resume from their checkpoint, so re-running a sweep continues it.
+interrupted ones resume from their checkpoint, so re-running a sweep continues it. Re-run with a
+larger train.epochs, it extends every run (see loop.py, "Changing train.epochs on resume"); any
+other change of a run's config is an error naming the keys.
 """
 from __future__ import annotations
 
