@@ -76,21 +76,66 @@ def test_resume_after_crash_gives_same_masks_and_accuracy(method, tmp_path, monk
         loop.train(cfg, tmp_path / "crash", progress=False)
     resumed = loop.train(cfg, tmp_path / "crash", resume=True, progress=False)
 
+    assert_same_run(tmp_path / "full", tmp_path / "crash", full, resumed)
+
+
+def read_log(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_same_run(full_dir: Path, resumed_dir: Path, full: dict, resumed: dict) -> None:
+    """The resumed run ended exactly as the uninterrupted one: summary (but its clocks), masks,
+    sparsifier RNG, ITOP, weights, and every line of the metrics log (but its clocks)."""
     assert resumed["test_acc"] == full["test_acc"]
-    assert resumed["itop"] == full["itop"]
-    a = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=False)
-    b = torch.load(tmp_path / "crash" / "checkpoint.pt", weights_only=False)
+    assert untimed({**resumed, "peak_rss_mib": 0}) == untimed({**full, "peak_rss_mib": 0})
+    a = torch.load(full_dir / "checkpoint.pt", weights_only=False)
+    b = torch.load(resumed_dir / "checkpoint.pt", weights_only=False)
     assert untimed(a["sparsifier"]) == untimed(b["sparsifier"])  # masks, RNG state, ITOP, ...
     for k, v in a["model"].items():
         assert torch.equal(v, b["model"][k]), k
+    resumed_log = untimed(read_log(resumed_dir))
+    assert resumed_log == untimed(read_log(full_dir))  # lines written after the last checkpoint were dropped
+    assert sum(r["kind"] == "epoch" for r in resumed_log) == full["epochs"]
 
-    def read(path):
-        return [json.loads(l) for l in path.read_text().splitlines()]
 
-    resumed_log = untimed(read(tmp_path / "crash" / "metrics.jsonl"))
-    full_log = untimed(read(tmp_path / "full" / "metrics.jsonl"))
-    assert resumed_log == full_log  # lines written after the last checkpoint were dropped
-    assert sum(r["kind"] == "epoch" for r in resumed_log) == 3
+@needs_fmnist
+@pytest.mark.parametrize("method,augment,crash", [
+    ("rigl", False, "mid-epoch"), ("set", True, "mid-epoch"), ("search", False, "mid-epoch"),
+    ("dst", False, "mid-epoch"), ("rigl", False, "after-last-batch")])
+def test_resume_from_a_step_checkpoint_gives_same_masks_and_accuracy(method, augment, crash, tmp_path,
+                                                                     monkeypatch):
+    # 600 examples in batches of 50: 12 steps per epoch, 36 in all.
+    args = ["model.name=mlp", "model.kwargs={hidden: [64]}", "train.epochs=3", "data.train_subset=600",
+            "train.batch_size=50", "sparsity.update_every=5", f"sparsity.method={method}",
+            "sparsity.density=0.1", "train.threads=1", f"data.augment={str(augment).lower()}"]
+    full = loop.train(load_config(None, args), tmp_path / "full", progress=False)  # no step checkpoints
+
+    if crash == "mid-epoch":  # checkpoints at steps 5, 10, (12), 15, 20, (24); dies in step 23
+        cfg = load_config(None, args + ["output.checkpoint_steps=5"])
+        real_lr_at = loop.lr_at
+
+        def crash_in_step_23(cfg, step, *a):
+            if step == 22:  # 0-based: the 23rd step, in epoch 2 after the checkpoint of step 20
+                raise KeyboardInterrupt
+            return real_lr_at(cfg, step, *a)
+
+        monkeypatch.setattr(loop, "lr_at", crash_in_step_23)
+        resume_at = (1, 8, 20)  # (epoch, batch, step) of the last checkpoint
+    else:  # step 12 is epoch 1's last batch: its checkpoint comes before epoch 1's evaluation
+        cfg = load_config(None, args + ["output.checkpoint_steps=6"])
+
+        def crash_in_evaluate(*a, **k):
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(loop, "evaluate", crash_in_evaluate)
+        resume_at = (0, 12, 12)
+    with pytest.raises(KeyboardInterrupt):
+        loop.train(cfg, tmp_path / "crash", progress=False)
+    monkeypatch.undo()
+    ckpt = torch.load(tmp_path / "crash" / "checkpoint.pt", weights_only=False)
+    assert (ckpt["epoch"], ckpt["batch"], ckpt["step"]) == resume_at
+    resumed = loop.train(cfg, tmp_path / "crash", resume=True, progress=False)
+    assert_same_run(tmp_path / "full", tmp_path / "crash", full, resumed)
 
 
 @pytest.mark.parametrize("override,match", [

@@ -1,4 +1,4 @@
-"""From a Config to the objects of a run: data, model, sparsifier, optimizer, lr schedule."""
+"""From a Config to the objects of a run: device, sparsifier, optimizer, lr schedule."""
 from __future__ import annotations
 
 import math
@@ -10,6 +10,24 @@ from sparsegrow import Sparsifier, UpdateSchedule
 from sparsegrow.updater import METHODS
 
 from .config import Config, ConfigError
+
+
+def resolve_device(name: str) -> torch.device:
+    """train.device as a torch.device, or a one-line ConfigError when this machine lacks it
+    (torch would fail later, mid-construction, with an assertion and a traceback)."""
+    device = torch.device(name)  # the form (cpu | cuda | cuda:N) is checked by config.validate
+    if device.type == "cuda":
+        if not torch.backends.cuda.is_built():
+            raise ConfigError(f"train.device={name!r}, but this torch build ({torch.__version__}) has "
+                              "no CUDA support: use train.device=cpu or install a CUDA build of torch")
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ConfigError(f"train.device={name!r}, but no CUDA device is visible "
+                              "(check the driver and CUDA_VISIBLE_DEVICES); use train.device=cpu")
+        if device.index is not None and device.index >= count:
+            raise ConfigError(f"train.device={name!r}, but only {count} CUDA device(s) are visible "
+                              f"(cuda:0..cuda:{count - 1})")
+    return device
 
 
 def resolve_schedule(cfg: Config, steps_per_epoch: int, total_steps: int) -> UpdateSchedule:

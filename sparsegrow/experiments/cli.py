@@ -1,6 +1,7 @@
 """The `sparsegrow` command: train a config, turn runs into tables.
 
     sparsegrow train CONFIG [key=value ...] [--run-dir DIR] [--resume] [--no-progress]
+    sparsegrow train --resume --run-dir DIR [key=value ...]      (the run's config.yaml)
     sparsegrow sweep SWEEP [key=value ...] [--smoke] [--dry-run]
     sparsegrow report RUNS... [--per-run | --thesis] [--out FILE]
     sparsegrow plot {density,accuracy,density-acc,time,acc-vs-k,recall} RUNS... --out FILE.png
@@ -14,10 +15,21 @@ from pathlib import Path
 
 
 def _cmd_train(args) -> int:
-    from .config import load_config
-    from .loop import train
+    from .config import ConfigError, load_config
+    from .loop import read_run_config, train
 
-    cfg = load_config(args.config, args.overrides)
+    config, overrides = args.config, list(args.overrides)
+    if config is not None and "=" in config and not Path(config).is_file():
+        config, overrides = None, [config, *overrides]  # no CONFIG: the first word is an override
+    if config is None:  # continue a run from the config it was started with
+        if not (args.resume and args.run_dir):
+            raise ConfigError("train needs a CONFIG file, or --resume --run-dir DIR to continue the "
+                              "run in DIR with its own config.yaml")
+        if read_run_config(args.run_dir) is None:
+            raise ConfigError(f"--resume: {str(Path(args.run_dir) / 'config.yaml')!r} not found; "
+                              "give the CONFIG the run was started with")
+        config = Path(args.run_dir) / "config.yaml"
+    cfg = load_config(config, overrides)
     run_dir = Path(args.run_dir) if args.run_dir else Path(cfg.output.dir) / cfg.run_name()
     summary = train(cfg, run_dir, resume=args.resume, progress=not args.no_progress)
     print(f"{cfg.run_name()}: test accuracy {100 * summary['test_acc']:.2f}%  "
@@ -83,13 +95,19 @@ def _cmd_list(args) -> int:
 
 
 def make_parser() -> argparse.ArgumentParser:
+    from .config import RESUMABLE_KEYS
+
     p = argparse.ArgumentParser(prog="sparsegrow", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="train one run from a YAML config")
-    t.add_argument("config", help="YAML config file")
-    t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. sparsity.density=0.05")
+    t.add_argument("config", nargs="?", help="YAML config file (with --resume --run-dir: default "
+                   "the run's config.yaml)")
+    t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. sparsity.density=0.05, "
+                   "anywhere on the line")
     t.add_argument("--run-dir", help="default: <output.dir>/<run name>")
-    t.add_argument("--resume", action="store_true", help="continue an interrupted run (or skip a finished one)")
+    t.add_argument("--resume", action="store_true",
+                   help="continue the run from its checkpoint (or keep it if finished); of the "
+                   f"config only {', '.join(RESUMABLE_KEYS)} may change")
     t.add_argument("--no-progress", action="store_true", help="no progress bars")
     t.set_defaults(func=_cmd_train)
     sw = sub.add_parser("sweep", help="run a grid of configs x seeds (resumable)")
@@ -98,7 +116,8 @@ def make_parser() -> argparse.ArgumentParser:
     sw.add_argument("--smoke", action="store_true", help="CI-sized runs (the sweep's `smoke:` overrides)")
     sw.add_argument("--dry-run", action="store_true", help="list the runs without training")
     sw.add_argument("--rows", nargs="+", metavar="LABEL",
-                    help="only these rows (e.g. to split a sweep across processes or machines)")
+                    help="only these rows (e.g. to split a sweep across processes or machines); "
+                    "takes every word after it, so put overrides before it")
     sw.add_argument("--no-progress", action="store_true", help="no progress bars")
     sw.set_defaults(func=_cmd_sweep)
     r = sub.add_parser("report", help="markdown table of finished runs")
@@ -114,17 +133,34 @@ def make_parser() -> argparse.ArgumentParser:
     pl.set_defaults(func=_cmd_plot)
     ls = sub.add_parser("list", help="registered methods, distributions, criteria, models, data sets")
     ls.set_defaults(func=_cmd_list)
+    p.commands = sub.choices  # command name -> its parser, for parse_args
     return p
 
 
+def parse_args(argv=None) -> argparse.Namespace:
+    """The command line as a Namespace; `key=value` overrides may come anywhere after the command.
+
+    argparse cannot parse intermixed options and positionals through subparsers, so the top
+    level only finds the command, and the command's own parser reads the rest intermixed.
+    """
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = make_parser()
+    if argv and argv[0] in parser.commands:
+        args = parser.commands[argv[0]].parse_intermixed_args(argv[1:])
+        args.command = argv[0]
+        return args
+    return parser.parse_args(argv)  # help, or the error for an unknown command
+
+
 def main(argv=None) -> int:
-    args = make_parser().parse_args(argv)
+    args = parse_args(argv)
     from .config import ConfigError
     from .data import DatasetMissingError
+    from .results import CorruptFileError
 
     try:
         return args.func(args)
-    except (ConfigError, DatasetMissingError, ValueError, FileNotFoundError, ImportError) as e:
+    except (ConfigError, CorruptFileError, DatasetMissingError, ValueError, OSError, ImportError) as e:
         print(f"sparsegrow: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -7,6 +7,7 @@ the library (Sparsifier, UpdateSchedule, grow criteria) plus the training loop's
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -96,6 +97,7 @@ class DSTConfig:
 class OutputConfig:
     dir: str = "runs"
     checkpoint_every: int = 1  # epochs
+    checkpoint_steps: int | None = None  # also every n optimizer steps (mid-epoch); None: off
 
 
 @dataclass
@@ -212,6 +214,19 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.strip().split("."), value
 
 
+def read_yaml(path: str | Path) -> Any:
+    """The YAML document in `path`, or a one-line ConfigError naming the file and the bad line."""
+    try:
+        return yaml.safe_load(Path(path).read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        what = getattr(e, "problem", None) or " ".join(str(e).split())
+        raise ConfigError(f"{path}: not valid YAML ({where}{what})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not valid YAML (not UTF-8 text)") from None
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
     """Defaults, then the YAML file at `path`, then dotted `key=value` overrides."""
     data: dict = {}
@@ -219,7 +234,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file {str(p)!r} not found")
-        loaded = yaml.safe_load(p.read_text()) or {}
+        loaded = read_yaml(p) or {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {str(p)!r} must hold a mapping, got {type(loaded).__name__}")
         data = loaded
@@ -248,6 +263,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.epochs must be >= 1, got {t.epochs}")
     if t.eval_every < 1:
         raise ConfigError(f"train.eval_every must be an epoch count >= 1, got {t.eval_every}")
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", t.device):
+        raise ConfigError(f"train.device must be cpu, cuda or cuda:N, got {t.device!r}")
     if t.batch_size < 1:
         raise ConfigError(f"train.batch_size must be >= 1, got {t.batch_size}")
     if t.optimizer not in ("sgd", "adam", "adamw"):
@@ -260,6 +277,42 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"sparsity.update_every must be a step count >= 1 or 'epoch', got {s.update_every!r}")
     if s.update_end <= 0:
         raise ConfigError(f"sparsity.update_end must be a fraction in (0, 1] or a step count > 1, got {s.update_end}")
+    o = cfg.output
+    if o.checkpoint_every < 1:
+        raise ConfigError(f"output.checkpoint_every must be an epoch count >= 1, got {o.checkpoint_every}")
+    if o.checkpoint_steps is not None and o.checkpoint_steps < 1:
+        raise ConfigError(f"output.checkpoint_steps must be a step count >= 1 or null, got {o.checkpoint_steps}")
+
+
+# What a resumed run may change: how long it trains (see loop.py, "Changing train.epochs on
+# resume"), when it evaluates and checkpoints, and where or how fast it reads and computes.
+# Everything else would make the run a mixture of two experiments.
+RESUMABLE_KEYS = ("train.epochs", "train.eval_every", "train.threads", "output.checkpoint_every",
+                  "output.checkpoint_steps", "output.dir", "data.root")
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    """{"train": {"lr": 0.1}} -> {"train.lr": 0.1}, down to every leaf (model.kwargs included)."""
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(_flat(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def check_resumable(saved: Config, cfg: Config, where: str) -> None:
+    """Raise one ConfigError naming every key (other than RESUMABLE_KEYS) in which `cfg` differs
+    from the config `saved` that the run at `where` was started with."""
+    old, new = _flat(saved.to_dict()), _flat(cfg.to_dict())
+    diffs = [f"{k}: {old.get(k, '<unset>')!r} -> {new.get(k, '<unset>')!r}"
+             for k in sorted(old.keys() | new.keys())
+             if old.get(k, "<unset>") != new.get(k, "<unset>") and k not in RESUMABLE_KEYS]
+    if diffs:
+        raise ConfigError(f"{where} holds a run of a different config ({'; '.join(diffs)}); only "
+                          f"{', '.join(RESUMABLE_KEYS)} may change on resume: choose another run directory")
 
 
 def dump_config(cfg: Config) -> str:

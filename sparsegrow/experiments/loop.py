@@ -2,16 +2,30 @@
 
     run_dir/config.yaml     the resolved config
     run_dir/metrics.jsonl   {"kind": "epoch", ...} per epoch, {"kind": "update", ...} per update
-    run_dir/checkpoint.pt   model, optimizer, sparsifier, RNG states, log length (every epoch)
+    run_dir/checkpoint.pt   model, optimizer, sparsifier, RNG states, position (epoch, batch, step),
+                            log length; every output.checkpoint_every epochs and, if set, every
+                            output.checkpoint_steps optimizer steps (mid-epoch)
     run_dir/summary.json    the final numbers, written last
 
 Determinism: the data order and augmentation of epoch e come from a generator seeded with
 (seed, e), the sparsifier carries its own generator, and the global torch RNG (dropout) is saved
-in the checkpoint, so a resumed run reproduces an uninterrupted one on the same machine.
+in the checkpoint, so a resumed run reproduces an uninterrupted one on the same machine. A
+checkpoint taken mid-epoch records how many of the epoch's batches were trained; the resumed
+epoch draws the same permutation and augmentation from its generator and discards those batches.
+
+Changing train.epochs on resume. The learning-rate schedule and the sparsity schedule (its end
+`update_end` when a fraction, and the decay of the update fraction up to it) are functions of the
+total step count, steps_per_epoch * train.epochs. A resumed run with a different train.epochs
+keeps the steps already taken as they were and follows the schedules of the new total from its
+checkpoint on, as if it had been planned that long: with cosine lr the rate jumps from the old
+curve up to the new one, and topology updates that had stopped at the old end resume until the
+new one. That is not the same as training the new length from the start, so each change is
+recorded in the checkpoint and the summary ("epochs_changes": [{"step", "from", "to"}]) and the
+report shows it beside the epoch count. A finished run can be extended; an unfinished one can also
+be shortened, to more epochs than it has trained.
 """
 from __future__ import annotations
 
-import json
 import platform
 import resource
 import time
@@ -21,11 +35,12 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .build import build_optimizer, build_sparsifier, lr_at
-from .config import Config, ConfigError, dump_config, from_dict
+from .build import build_optimizer, build_sparsifier, lr_at, resolve_device
+from .config import Config, ConfigError, check_resumable, dump_config, from_dict, read_yaml
 from .data import load_dataset, steps_per_epoch
 from .models import build_model
-from .results import MetricsLog, atomic_torch_save, atomic_write_json, atomic_write_text
+from .results import (CorruptFileError, MetricsLog, atomic_torch_save, atomic_write_json,
+                      atomic_write_text, load_checkpoint, read_json)
 
 
 class Timer:
@@ -61,38 +76,65 @@ def evaluate(model, data, batch_size: int, device) -> tuple[float, float]:
     return loss_sum / n, correct / n
 
 
-def _stored_config(path: Path) -> str:
-    """A run's stored config, re-read with today's defaults for keys added since it ran."""
-    import yaml
-
+def read_run_config(run_dir: str | Path) -> Config | None:
+    """The config a run directory was started with (its config.yaml, read with today's defaults
+    for keys added since), or None if it has none; a damaged file is an error naming it."""
+    path = Path(run_dir) / "config.yaml"
+    if not path.exists():
+        return None
+    data = read_yaml(path)
+    if not isinstance(data, dict):
+        raise CorruptFileError(f"{path}: should hold a mapping of config keys, holds {type(data).__name__}")
     try:
-        return dump_config(from_dict(yaml.safe_load(path.read_text())))
-    except ConfigError:
-        return path.read_text()
+        return from_dict(data)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+def has_progress(run_dir: str | Path) -> bool:
+    """Whether train(resume=True) has something to continue or return: a checkpoint or a summary."""
+    return (Path(run_dir) / "checkpoint.pt").exists() or (Path(run_dir) / "summary.json").exists()
 
 
 def train(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool = True) -> dict:
-    """Train one run; returns the summary dict (also written to run_dir/summary.json)."""
+    """Train one run; returns the summary dict (also written to run_dir/summary.json).
+
+    resume: continue the run in run_dir from its checkpoint (an error if it has none), or return
+        its summary if it finished at cfg.train.epochs. cfg may differ from the run's config.yaml
+        only in config.RESUMABLE_KEYS; a different train.epochs extends or shortens the run as
+        the module docstring says.
+    """
     run_dir = Path(run_dir)
-    ckpt_path = run_dir / "checkpoint.pt"
-    resolved = dump_config(cfg)
-    has_config = (run_dir / "config.yaml").exists()
-    if resume and has_config and _stored_config(run_dir / "config.yaml") != resolved:
-        raise ConfigError(f"run directory {str(run_dir)!r} holds a run of a different config; "
-                          "choose another run directory (or delete it)")
-    if (run_dir / "summary.json").exists():
-        if resume:
-            return json.loads((run_dir / "summary.json").read_text())
-        raise ConfigError(f"run directory {str(run_dir)!r} already holds a finished run; "
-                          "pass --resume to keep it or choose another run directory")
-    if ckpt_path.exists() and not resume:
-        raise ConfigError(f"run directory {str(run_dir)!r} already holds a checkpoint; "
-                          "pass --resume to continue it or choose another run directory")
+    ckpt_path, summary_path = run_dir / "checkpoint.pt", run_dir / "summary.json"
+    saved = None
+    if resume:
+        saved = read_run_config(run_dir)
+        if saved is not None:
+            check_resumable(saved, cfg, f"run directory {str(run_dir)!r}")
+        if summary_path.exists():
+            summary = read_json(summary_path)
+            finished = summary.get("epochs", cfg.train.epochs)
+            if finished == cfg.train.epochs:
+                return summary
+            if finished > cfg.train.epochs:
+                raise ConfigError(f"train.epochs={cfg.train.epochs}: run directory {str(run_dir)!r} "
+                                  f"finished {finished} epochs; a finished run can be extended, not shortened")
+        if not ckpt_path.exists():
+            raise ConfigError(f"--resume: run directory {str(run_dir)!r} holds no checkpoint to continue "
+                              "(nothing trained, or interrupted before the first checkpoint); "
+                              "train without --resume to start it")
+    else:
+        if summary_path.exists():
+            raise ConfigError(f"run directory {str(run_dir)!r} already holds a finished run; "
+                              "pass --resume to keep it or choose another run directory")
+        if ckpt_path.exists():
+            raise ConfigError(f"run directory {str(run_dir)!r} already holds a checkpoint; "
+                              "pass --resume to continue it or choose another run directory")
 
     t = cfg.train
     if t.threads:
         torch.set_num_threads(t.threads)
-    device = torch.device(t.device)
+    device = resolve_device(t.device)
     torch.manual_seed(cfg.seed)
     data = load_dataset(cfg.data.dataset, root=cfg.data.root, pad_to=cfg.data.pad_to,
                         train_subset=cfg.data.train_subset, seed=cfg.seed,
@@ -120,31 +162,61 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool
     sparsifier.attach(optimizer)
     extra_loss = getattr(sparsifier, "loss", None)  # DST's sparsity regulariser
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / "config.yaml", resolved)
-    start_epoch, step, train_time, phase_totals, log_len = 0, 0, 0.0, {}, 0
-    if resume and ckpt_path.exists():
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
+    start_epoch, start_batch, step = 0, 0, 0  # where training stands: batches of epoch, steps
+    train_time, phase_totals, log_len = 0.0, {}, 0
+    sums = (0.0, 0, 0)  # (train loss sum, correct, seen) of the epoch in progress
+    test_loss = test_acc = float("nan")
+    epochs_changes: list[dict] = []  # {"step", "from", "to"} per change of train.epochs
+    if resume:
+        ckpt = load_checkpoint(ckpt_path, device)
         model.load_state_dict(ckpt["model"])
         sparsifier.load_state_dict(ckpt["sparsifier"])
         optimizer.load_state_dict(ckpt["optimizer"])
         torch.set_rng_state(ckpt["torch_rng"])
-        start_epoch, step = ckpt["epoch"], ckpt["step"]
+        start_epoch, start_batch, step = ckpt["epoch"], ckpt.get("batch", 0), ckpt["step"]
+        if step != start_epoch * spe + start_batch:
+            raise CorruptFileError(f"{ckpt_path}: step {step} is not batch {start_batch} of epoch "
+                                   f"{start_epoch + 1} at {spe} steps per epoch; not this run's checkpoint")
+        trained = start_epoch + (start_batch > 0)  # epochs begun
+        planned = ckpt.get("epochs", saved.train.epochs if saved else t.epochs)
+        if t.epochs < trained or (t.epochs == trained and planned != t.epochs):
+            raise ConfigError(f"train.epochs={t.epochs}: the checkpoint in {str(run_dir)!r} has begun "
+                              f"{trained} epoch(s); a run can be shortened only to more epochs than that")
         train_time, phase_totals, log_len = ckpt["train_time_s"], ckpt["phases"], ckpt["log_len"]
+        sums = tuple(ckpt.get("epoch_sums", sums))
+        test_loss, test_acc = ckpt.get("test_loss", test_loss), ckpt.get("test_acc", test_acc)
+        epochs_changes = list(ckpt.get("epochs_changes", []))
+        if planned != t.epochs:
+            epochs_changes.append({"step": step, "from": planned, "to": t.epochs})
     log = MetricsLog(run_dir / "metrics.jsonl", truncate_to=log_len)
+    atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
 
-    test_loss = test_acc = float("nan")
+    def save_checkpoint(epoch: int, batch: int, train_time_s: float, phases: dict, epoch_sums) -> None:
+        """Commit the log, then write where training stands: `batch` batches of epoch `epoch`
+        (0-based) trained, `step` steps in all."""
+        atomic_torch_save({
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "sparsifier": sparsifier.state_dict(), "torch_rng": torch.get_rng_state(),
+            "epoch": epoch, "batch": batch, "step": step, "epoch_sums": list(epoch_sums),
+            "train_time_s": train_time_s, "phases": dict(phases), "log_len": log.commit(),
+            "test_loss": test_loss, "test_acc": test_acc,  # of the last evaluated epoch
+            "epochs": t.epochs, "epochs_changes": epochs_changes,
+        }, ckpt_path)
+
     try:
         for epoch in range(start_epoch, t.epochs):
             gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
+            batches = data.train_batches(t.batch_size, gen, augment=cfg.data.augment)
+            first = start_batch if epoch == start_epoch else 0
+            for _ in range(first):  # trained before a mid-epoch checkpoint: draw, discard
+                next(batches)
+            loss_sum, correct, seen = sums if first else (0.0, 0, 0)
             timer = Timer(device)
             timer.totals = dict(phase_totals)
             epoch_t0 = time.perf_counter()
-            loss_sum, correct, seen = 0.0, 0, 0
-            bar = tqdm(data.train_batches(t.batch_size, gen, augment=cfg.data.augment), total=spe,
-                       desc=f"epoch {epoch + 1}/{t.epochs}", disable=not progress, leave=False,
-                       dynamic_ncols=True)
-            for xb, yb in bar:
+            bar = tqdm(batches, total=spe, initial=first, desc=f"epoch {epoch + 1}/{t.epochs}",
+                       disable=not progress, leave=False, dynamic_ncols=True)
+            for batch, (xb, yb) in enumerate(bar, start=first):
                 for group in optimizer.param_groups:
                     group["lr"] = lr_at(cfg, step, total_steps, spe)
                 xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
@@ -170,6 +242,11 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool
                     rep = sparsifier.report()
                     bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}",
                                     density=f"{rep['global_density']:.4f}")
+                if cfg.output.checkpoint_steps and step % cfg.output.checkpoint_steps == 0:
+                    saving_t0 = time.perf_counter()
+                    save_checkpoint(epoch, batch + 1, train_time + saving_t0 - epoch_t0, timer.totals,
+                                    (loss_sum, correct, seen))
+                    epoch_t0 += time.perf_counter() - saving_t0  # writing it is not training time
             bar.close()
             train_time += time.perf_counter() - epoch_t0
             phase_totals = timer.totals
@@ -193,13 +270,7 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool
                            f"{'-' if test_acc is None else f'{test_acc:.4f}'}  "
                            f"density {rep['global_density']:.4f}  itop {rep['itop']:.4f}")
             if (epoch + 1) % cfg.output.checkpoint_every == 0 or epoch + 1 == t.epochs:
-                log_len = log.commit()
-                atomic_torch_save({
-                    "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "sparsifier": sparsifier.state_dict(), "torch_rng": torch.get_rng_state(),
-                    "epoch": epoch + 1, "step": step, "train_time_s": train_time,
-                    "phases": phase_totals, "log_len": log_len,
-                }, ckpt_path)
+                save_checkpoint(epoch + 1, 0, train_time, phase_totals, (0.0, 0, 0))
     finally:
         log.close()
 
@@ -210,6 +281,7 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool
         "target_density": None if cfg.sparsity.method == "dst" else
         (1.0 if cfg.sparsity.method == "dense" else cfg.sparsity.density), "density": rep["global_density"],
         "layer_density": rep["layers"], "itop": rep["itop"], "epochs": t.epochs, "steps": step,
+        "epochs_changes": epochs_changes,
         "test_acc": test_acc, "test_loss": test_loss, "train_time_s": train_time,
         "update_time_s": rep["update_time_s"], "n_updates": rep["n_updates"],
         "phases_s": phase_totals,

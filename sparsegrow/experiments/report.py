@@ -28,8 +28,16 @@ def _row_key(run: dict) -> dict:
         ("distribution", sp["distribution"] if method not in ("dense", "dst") else "-"),
         ("ΔT", str(sp["update_every"]) if dynamic else "-"),
         ("α", f"{sp['fraction']:g}" if dynamic else (f"{c['dst']['alpha']:g} (L_S)" if method == "dst" else "-")),
-        ("epochs", str(c["train"]["epochs"])),
+        ("epochs", _epochs(c, s)),
     ])
+
+
+def _epochs(c: dict, s: dict) -> str:
+    """The epochs trained, and, for a run whose train.epochs changed on resume (its schedules
+    were those of the earlier length until then), each earlier length: "3 (2 until step 8)"."""
+    changes = s.get("epochs_changes") or []
+    return str(s.get("epochs", c["train"]["epochs"])) + "".join(
+        f" ({ch['from']} until step {ch['step']})" for ch in changes)
 
 
 def _search_settings(c: dict) -> str:

@@ -5,6 +5,9 @@ epoch and per topology update, append-only), checkpoint.pt and, once finished, s
 Every file but the log is replaced atomically (write a temporary file, fsync, os.replace), so an
 interrupted run never leaves a half-written file; the checkpoint records the log's length, and a
 resumed run truncates the log to it, dropping lines written after the last checkpoint.
+
+Reading a file that is damaged (truncated, edited, not written by sparsegrow) raises
+CorruptFileError: one line naming the file and what is wrong, never a half-read result.
 """
 from __future__ import annotations
 
@@ -15,6 +18,10 @@ import tempfile
 from pathlib import Path
 
 import torch
+
+
+class CorruptFileError(ValueError):
+    """A run file that cannot be read; the message names the file."""
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -47,12 +54,71 @@ def atomic_torch_save(obj, path: Path) -> None:
     _atomic_write_bytes(path, buf.getvalue())
 
 
+def read_json(path: Path) -> dict:
+    """A JSON object from `path` (summary.json), or CorruptFileError."""
+    try:
+        obj = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as e:
+        raise CorruptFileError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
+    except UnicodeDecodeError:
+        raise CorruptFileError(f"{path}: not valid JSON (not UTF-8 text)") from None
+    if not isinstance(obj, dict):
+        raise CorruptFileError(f"{path}: should hold a JSON object, holds {type(obj).__name__}")
+    return obj
+
+
+def _parse_lines(path: Path, data: bytes) -> list[dict]:
+    records = []
+    for i, line in enumerate(data.split(b"\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise CorruptFileError(f"{path}: line {i} is not valid JSON ({e.msg})") from None
+        except UnicodeDecodeError:
+            raise CorruptFileError(f"{path}: line {i} is not valid JSON (not UTF-8 text)") from None
+        if not isinstance(rec, dict):
+            raise CorruptFileError(f"{path}: line {i} should be a JSON object, is {type(rec).__name__}")
+        records.append(rec)
+    return records
+
+
+CHECKPOINT_KEYS = {"model", "optimizer", "sparsifier", "torch_rng", "epoch", "step", "train_time_s",
+                   "phases", "log_len"}  # what every checkpoint holds; newer ones add to it
+
+
+def load_checkpoint(path: Path, map_location) -> dict:
+    """A training checkpoint, or CorruptFileError naming the file (truncated, not a checkpoint)."""
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as e:  # torch raises RuntimeError, EOFError, UnpicklingError, ... by damage
+        reason = (str(e).strip().splitlines() or [""])[0]
+        raise CorruptFileError(f"{path}: cannot read the checkpoint ({type(e).__name__}: {reason}); "
+                               "delete it and train without --resume to start afresh") from None
+    missing = sorted(CHECKPOINT_KEYS - set(ckpt)) if isinstance(ckpt, dict) else ["all keys"]
+    if missing:
+        raise CorruptFileError(f"{path}: not a sparsegrow checkpoint (missing {', '.join(missing)})")
+    return ckpt
+
+
 class MetricsLog:
-    """Append-only JSON-lines log whose committed length is kept in the checkpoint."""
+    """Append-only JSON-lines log whose committed length is kept in the checkpoint.
+
+    truncate_to: continue a log after a checkpoint that recorded this length; the committed part
+    must be intact (CorruptFileError otherwise), what follows it is dropped.
+    """
 
     def __init__(self, path: Path, truncate_to: int | None = None):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if truncate_to:
+            size = self.path.stat().st_size if self.path.exists() else 0
+            if size < truncate_to:  # truncate() would pad with zero bytes
+                raise CorruptFileError(f"{self.path}: {size} bytes, but the checkpoint recorded "
+                                       f"{truncate_to}; the log was cut or replaced")
+            with open(self.path, "rb") as f:
+                _parse_lines(self.path, f.read(truncate_to))
         mode = "r+b" if self.path.exists() else "w+b"
         self._f = open(self.path, mode)
         self._f.truncate(truncate_to or 0)
@@ -75,7 +141,7 @@ def read_metrics(run_dir: Path) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return _parse_lines(path, path.read_bytes())
 
 
 def find_runs(paths) -> list[Path]:
@@ -92,11 +158,10 @@ def find_runs(paths) -> list[Path]:
 
 
 def load_run(run_dir: Path) -> dict:
-    import yaml
+    from .config import read_yaml
 
     run_dir = Path(run_dir)
-    return {
-        "dir": str(run_dir),
-        "config": yaml.safe_load((run_dir / "config.yaml").read_text()),
-        "summary": json.loads((run_dir / "summary.json").read_text()),
-    }
+    config = read_yaml(run_dir / "config.yaml")
+    if not isinstance(config, dict):
+        raise CorruptFileError(f"{run_dir / 'config.yaml'}: should hold a mapping, holds {type(config).__name__}")
+    return {"dir": str(run_dir), "config": config, "summary": read_json(run_dir / "summary.json")}

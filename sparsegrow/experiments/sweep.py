@@ -15,7 +15,9 @@
       sparsity.density: [0.02, 0.05]
 
 Each (row, seed) trains into <output>/<label>/seed<seed>; finished runs are skipped and
-interrupted ones resume from their checkpoint, so re-running a sweep continues it.
+interrupted ones resume from their checkpoint, so re-running a sweep continues it. Re-run with a
+larger train.epochs, it extends every run (see loop.py, "Changing train.epochs on resume"); any
+other change of a run's config is an error naming the keys.
 """
 from __future__ import annotations
 
@@ -24,11 +26,10 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
 from tqdm.auto import tqdm
 
-from .config import ConfigError, load_config
-from .loop import train
+from .config import ConfigError, load_config, read_yaml
+from .loop import has_progress, train
 
 SWEEP_KEYS = {"base", "output", "seeds", "overrides", "smoke", "smoke_seeds", "rows", "grid",
               "description"}
@@ -50,7 +51,9 @@ def load_sweep(path: str | Path, smoke: bool = False, extra: list[str] = ()) -> 
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"sweep file {str(path)!r} not found")
-    spec = yaml.safe_load(path.read_text()) or {}
+    spec = read_yaml(path) or {}
+    if not isinstance(spec, dict):
+        raise ConfigError(f"sweep file {str(path)!r} must hold a mapping, got {type(spec).__name__}")
     unknown = set(spec) - SWEEP_KEYS
     if unknown:
         raise ConfigError(f"unknown sweep key(s) {sorted(unknown)}; allowed: {sorted(SWEEP_KEYS)}")
@@ -107,6 +110,6 @@ def run_sweep(path: str | Path, smoke: bool = False, extra: list[str] = (), prog
             print(f"{job.run_dir}: {' '.join(job.overrides)}")
             continue
         cfg = load_config(base, job.overrides)
-        summaries.append(train(cfg, job.run_dir, resume=True, progress=progress))
+        summaries.append(train(cfg, job.run_dir, resume=has_progress(job.run_dir), progress=progress))
     bar.close()
     return summaries
