@@ -2,6 +2,7 @@
 
     sparsegrow train CONFIG [key=value ...] [--run-dir DIR] [--resume] [--no-progress]
     sparsegrow train --resume --run-dir DIR [key=value ...]      (the run's config.yaml)
+    sparsegrow train CONFIG --nproc N ...    (= torchrun --nproc_per_node N -m sparsegrow train ...)
     sparsegrow sweep SWEEP [key=value ...] [--smoke] [--dry-run]
     sparsegrow report RUNS... [--per-run | --thesis] [--out FILE]
     sparsegrow plot {density,accuracy,density-acc,time,acc-vs-k,recall} RUNS... --out FILE.png
@@ -10,6 +11,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -30,12 +32,33 @@ def _cmd_train(args) -> int:
                               "give the CONFIG the run was started with")
         config = Path(args.run_dir) / "config.yaml"
     cfg = load_config(config, overrides)
+    if args.nproc is not None and args.nproc < 1:
+        raise ConfigError(f"--nproc must be >= 1, got {args.nproc}")
+    if args.nproc and args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        from .launch import relaunch
+
+        # the same command line on N processes, through torch's own launcher (torchrun)
+        return relaunch(args.nproc, [a for a in _argv_without_nproc(args.argv)])
     run_dir = Path(args.run_dir) if args.run_dir else Path(cfg.output.dir) / cfg.run_name()
     summary = train(cfg, run_dir, resume=args.resume, progress=not args.no_progress)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0  # rank 0 reports
     print(f"{cfg.run_name()}: test accuracy {100 * summary['test_acc']:.2f}%  "
           f"density {summary['density']:.4f}  train time {summary['train_time_s']:.1f}s  "
           f"update time {summary['update_time_s']:.2f}s  -> {run_dir}")
     return 0
+
+
+def _argv_without_nproc(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            out.append(a)
+    return out
 
 
 def _cmd_sweep(args) -> int:
@@ -109,6 +132,9 @@ def make_parser() -> argparse.ArgumentParser:
                    help="continue the run from its checkpoint (or keep it if finished); of the "
                    f"config only {', '.join(RESUMABLE_KEYS)} may change")
     t.add_argument("--no-progress", action="store_true", help="no progress bars")
+    t.add_argument("--nproc", type=int, metavar="N",
+                   help="data-parallel on N local processes (torchrun; gloo on CPU, nccl on CUDA); "
+                   "train.batch_size is the global batch")
     t.set_defaults(func=_cmd_train)
     sw = sub.add_parser("sweep", help="run a grid of configs x seeds (resumable)")
     sw.add_argument("sweep", help="sweep YAML file")
@@ -147,7 +173,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = make_parser()
     if argv and argv[0] in parser.commands:
         args = parser.commands[argv[0]].parse_intermixed_args(argv[1:])
-        args.command = argv[0]
+        args.command, args.argv = argv[0], argv
         return args
     return parser.parse_args(argv)  # help, or the error for an unknown command
 

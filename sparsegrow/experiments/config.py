@@ -48,6 +48,7 @@ class TrainConfig:
     threads: int | None = None  # torch.set_num_threads; None leaves torch's default
     eval_every: int = 1  # evaluate on the test set every n epochs; the last epoch always is
     device: str = "cpu"  # cpu | cuda | cuda:N
+    dtype: str = "float32"  # float32 | float64 (e.g. to compare runs bit for bit)
 
 
 @dataclass
@@ -269,6 +270,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.batch_size must be >= 1, got {t.batch_size}")
     if t.optimizer not in ("sgd", "adam", "adamw"):
         raise ConfigError(f"train.optimizer must be one of sgd, adam, adamw, got {t.optimizer!r}")
+    if t.dtype not in ("float32", "float64"):
+        raise ConfigError(f"train.dtype must be one of float32, float64, got {t.dtype!r}")
     if t.lr_schedule not in ("constant", "cosine", "step"):
         raise ConfigError(f"train.lr_schedule must be one of constant, cosine, step, got {t.lr_schedule!r}")
     if not 0.0 < s.density <= 1.0:

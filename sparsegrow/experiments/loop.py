@@ -33,14 +33,19 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from .build import build_optimizer, build_sparsifier, lr_at, resolve_device
 from .config import Config, ConfigError, check_resumable, dump_config, from_dict, read_yaml
 from .data import load_dataset, steps_per_epoch
+from .launch import World, all_sum, init_from_env, local_share, shutdown
 from .models import build_model
 from .results import (CorruptFileError, MetricsLog, atomic_torch_save, atomic_write_json,
                       atomic_write_text, load_checkpoint, read_json)
+
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}  # train.dtype
 
 
 class Timer:
@@ -63,11 +68,11 @@ class Timer:
 
 
 @torch.no_grad()
-def evaluate(model, data, batch_size: int, device) -> tuple[float, float]:
+def evaluate(model, data, batch_size: int, device, dtype=torch.float32) -> tuple[float, float]:
     model.eval()
     loss_sum, correct, n = 0.0, 0, 0
     for xb, yb in data.test_batches(max(batch_size, 1000)):
-        xb, yb = xb.to(device), yb.to(device)
+        xb, yb = xb.to(device, dtype), yb.to(device)
         out = model(xb)
         loss_sum += F.cross_entropy(out, yb, reduction="sum").item()
         correct += (out.argmax(1) == yb).sum().item()
@@ -135,6 +140,25 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool
     if t.threads:
         torch.set_num_threads(t.threads)
     device = resolve_device(t.device)
+    world = init_from_env(t.device)  # torchrun's environment; one process otherwise
+    try:
+        return _train(cfg, run_dir, resume, progress and world.main, device, world, saved)
+    finally:
+        shutdown(world)
+
+
+def _train(cfg: Config, run_dir: Path, resume: bool, progress: bool, device: torch.device,
+           world: World, saved: Config | None) -> dict:
+    """The run itself; every rank runs it, rank 0 alone writes files (`world.main`)."""
+    t = cfg.train
+    ckpt_path = run_dir / "checkpoint.pt"
+    if world.distributed:
+        if device.type == "cuda":
+            device = torch.device("cuda", world.local_rank)
+        if t.batch_size % world.size:
+            raise ConfigError(f"train.batch_size={t.batch_size} is the global batch; it must split "
+                              f"evenly over {world.size} processes")
+    dtype = DTYPES[t.dtype]
     torch.manual_seed(cfg.seed)
     data = load_dataset(cfg.data.dataset, root=cfg.data.root, pad_to=cfg.data.pad_to,
                         train_subset=cfg.data.train_subset, seed=cfg.seed,
@@ -153,11 +177,14 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool
             raise ConfigError(f"sparsity.storage=sparse turns Linear layers into truly sparse ones; "
                               f"{left[:5]} would stay dense and uninitialised: use a model whose "
                               "parameters are all in sparse Linear layers, or storage=masked")
-        model.to(device)
+        model.to(device, dtype)
     else:
         model = build_model(cfg.model.name, data.input_shape, data.num_classes, **cfg.model.kwargs)
-        model.to(device)
+        model.to(device, dtype)
         sparsifier = build_sparsifier(cfg, model, spe)
+    # Several processes: DistributedDataParallel averages the gradients; the Sparsifier (built
+    # first, on every rank alike) reduces its growth signal and checks that topologies agree.
+    net = DistributedDataParallel(model) if world.distributed else model
     optimizer = build_optimizer(cfg, model, sparsifier)
     sparsifier.attach(optimizer)
     extra_loss = getattr(sparsifier, "loss", None)  # DST's sparsity regulariser
@@ -183,24 +210,31 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool
             raise ConfigError(f"train.epochs={t.epochs}: the checkpoint in {str(run_dir)!r} has begun "
                               f"{trained} epoch(s); a run can be shortened only to more epochs than that")
         train_time, phase_totals, log_len = ckpt["train_time_s"], ckpt["phases"], ckpt["log_len"]
-        sums = tuple(ckpt.get("epoch_sums", sums))
+        if world.main:  # the saved sums are over all ranks: one rank carries them on
+            sums = tuple(ckpt.get("epoch_sums", sums))
         test_loss, test_acc = ckpt.get("test_loss", test_loss), ckpt.get("test_acc", test_acc)
         epochs_changes = list(ckpt.get("epochs_changes", []))
         if planned != t.epochs:
             epochs_changes.append({"step": step, "from": planned, "to": t.epochs})
-    log = MetricsLog(run_dir / "metrics.jsonl", truncate_to=log_len)
-    atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
+    log = MetricsLog(run_dir / "metrics.jsonl", truncate_to=log_len) if world.main else None
+    if world.main:
+        atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
 
     def save_checkpoint(epoch: int, batch: int, train_time_s: float, phases: dict, epoch_sums) -> None:
         """Commit the log, then write where training stands: `batch` batches of epoch `epoch`
-        (0-based) trained, `step` steps in all."""
+        (0-based) trained, `step` steps in all. Every rank takes part (the sparsifier's state and
+        the epoch's sums are reduced over ranks); rank 0 writes."""
+        sp_state = sparsifier.state_dict()  # a collective under torch.distributed
+        epoch_sums = all_sum(list(epoch_sums), world)
+        if not world.main:
+            return
         atomic_torch_save({
             "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "sparsifier": sparsifier.state_dict(), "torch_rng": torch.get_rng_state(),
+            "sparsifier": sp_state, "torch_rng": torch.get_rng_state(),
             "epoch": epoch, "batch": batch, "step": step, "epoch_sums": list(epoch_sums),
             "train_time_s": train_time_s, "phases": dict(phases), "log_len": log.commit(),
             "test_loss": test_loss, "test_acc": test_acc,  # of the last evaluated epoch
-            "epochs": t.epochs, "epochs_changes": epochs_changes,
+            "epochs": t.epochs, "epochs_changes": epochs_changes, "world_size": world.size,
         }, ckpt_path)
 
     try:
@@ -219,9 +253,11 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool
             for batch, (xb, yb) in enumerate(bar, start=first):
                 for group in optimizer.param_groups:
                     group["lr"] = lr_at(cfg, step, total_steps, spe)
-                xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
+                xb, yb = local_share(xb, world), local_share(yb, world)  # this rank's share
+                xb = xb.to(device, dtype, non_blocking=True)
+                yb = yb.to(device, non_blocking=True)
                 timer.reset()
-                out = model(xb)
+                out = net(xb)
                 loss = F.cross_entropy(out, yb, label_smoothing=t.label_smoothing)
                 total_loss = loss + extra_loss() if extra_loss is not None else loss
                 timer.lap("forward")
@@ -233,7 +269,7 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool
                 stats = sparsifier.step()
                 timer.lap("update")
                 step += 1
-                if stats is not None:
+                if stats is not None and log is not None:
                     log.write({"kind": "update", "epoch": epoch, **stats})
                 loss_sum += loss.item() * len(yb)
                 correct += (out.argmax(1) == yb).sum().item()
@@ -250,20 +286,24 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool
             bar.close()
             train_time += time.perf_counter() - epoch_t0
             phase_totals = timer.totals
-            if (epoch + 1) % t.eval_every == 0 or epoch + 1 == t.epochs:
-                test_loss, test_acc = evaluate(model, data, t.batch_size, device)
+            if not world.main:  # rank 0 evaluates (the models are equal) and writes
+                test_loss = test_acc = None
+            elif (epoch + 1) % t.eval_every == 0 or epoch + 1 == t.epochs:
+                test_loss, test_acc = evaluate(model, data, t.batch_size, device, dtype)
             else:  # logged as null: not measured this epoch
                 test_loss = test_acc = None
             rep = sparsifier.report()
+            g_loss, g_correct, g_seen = all_sum([loss_sum, correct, seen], world)  # global batch
             record = {
                 "kind": "epoch", "epoch": epoch + 1, "step": step, "lr": lr_at(cfg, step - 1, total_steps, spe),
-                "train_loss": loss_sum / seen, "train_acc": correct / seen,
+                "train_loss": g_loss / g_seen, "train_acc": g_correct / g_seen,
                 "test_loss": test_loss, "test_acc": test_acc,
                 "global_density": rep["global_density"], "layer_density": rep["layers"],
                 "itop": rep["itop"], "train_time_s": train_time,
                 "update_time_s": rep["update_time_s"], "phases_s": phase_totals,
             }
-            log.write(record)
+            if log is not None:
+                log.write(record)
             if progress:
                 tqdm.write(f"epoch {epoch + 1}/{t.epochs}  train loss {record['train_loss']:.4f}  "
                            f"acc {record['train_acc']:.4f}  test acc "
@@ -272,7 +312,8 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool
             if (epoch + 1) % cfg.output.checkpoint_every == 0 or epoch + 1 == t.epochs:
                 save_checkpoint(epoch + 1, 0, train_time, phase_totals, (0.0, 0, 0))
     finally:
-        log.close()
+        if log is not None:
+            log.close()
 
     rep = sparsifier.report()
     summary = {
@@ -281,6 +322,7 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool
         "target_density": None if cfg.sparsity.method == "dst" else
         (1.0 if cfg.sparsity.method == "dense" else cfg.sparsity.density), "density": rep["global_density"],
         "layer_density": rep["layers"], "itop": rep["itop"], "epochs": t.epochs, "steps": step,
+        "world_size": world.size,
         "epochs_changes": epochs_changes,
         "test_acc": test_acc, "test_loss": test_loss, "train_time_s": train_time,
         "update_time_s": rep["update_time_s"], "n_updates": rep["n_updates"],
@@ -289,5 +331,6 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool
         "machine": f"{platform.node()} {platform.machine()} "
         f"threads={torch.get_num_threads()} torch={torch.__version__}", "device": str(device),
     }
-    atomic_write_json(run_dir / "summary.json", summary)
+    if world.main:
+        atomic_write_json(run_dir / "summary.json", summary)
     return summary
