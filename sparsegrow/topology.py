@@ -11,6 +11,9 @@ every drop/grow criterion, distribution and schedule works on any of them:
                                      and reset the optimizer state of both
     enforce()                     -> after an optimizer step: inactive weights are exactly zero
 
+`param` is the Parameter the optimizer must train (the dense weight for masked storage, the
+`values` of truly sparse storage).
+
 `MaskedParam` (this file) keeps a dense weight and a boolean mask; the mask is the single
 source of truth. Truly sparse storage (values + indices) lives in `sparsegrow.layers`.
 
@@ -33,6 +36,7 @@ class SparseParam(Protocol):
     shape: torch.Size  # dense shape (out, in, *kernel)
     numel: int
     module: nn.Module
+    param: nn.Parameter  # what the optimizer trains; the Sparsifier checks it holds it
 
     def active(self) -> torch.Tensor: ...
     def nnz(self) -> int: ...

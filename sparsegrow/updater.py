@@ -2,7 +2,7 @@
 
     sparsifier = sparsegrow.Sparsifier(model, density=0.05, method="rigl",
                                        schedule=UpdateSchedule(every=100, end=7500))
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)  # after the Sparsifier
     sparsifier.attach(optimizer)
     for x, y in data:
         loss = F.cross_entropy(model(x), y)
@@ -29,7 +29,7 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-from . import distributions
+from . import distributions, optim_state
 from .drop import DROP
 from .grow import GROW, GrowContext
 from .metrics import density_report, itop_rate, union_sorted
@@ -137,7 +137,8 @@ class Sparsifier:
         self.grow = GROW.get(grow)(**(grow_kwargs or {})) if self.dynamic else None
         self.allow_regrow = allow_regrow
         self.grow_init = grow_init
-        self.optimizer = optimizer
+        self.optimizer: torch.optim.Optimizer | None = None
+        self._attached = False  # attach() was called (with an optimizer or None)
         self.generator = torch.Generator().manual_seed(seed)
 
         chosen = select_params(model, include)
@@ -176,16 +177,34 @@ class Sparsifier:
             self.grow.attach(self.updated)
         self._last_update = self.schedule.update_steps()[-1] if self.dynamic else 0
         self._arm(1)
+        if optimizer is not None:
+            self.attach(optimizer)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
-    def attach(self, optimizer: torch.optim.Optimizer) -> "Sparsifier":
-        """The optimizer whose state is reset for dropped and grown connections."""
+    def attach(self, optimizer: torch.optim.Optimizer | None) -> "Sparsifier":
+        """The optimizer that trains the sparse weights; updates reset its state for dropped and
+        grown connections (`optim_state.RESETS`). Required before the first topology update.
+
+        Build it after the Sparsifier: storage="sparse" replaces each Linear weight by a new
+        `values` Parameter. A ValueError names any sparse parameter the optimizer does not hold,
+        and an optimizer class missing from the reset table (`optim_state.register_optimizer`).
+        attach(None) says no torch optimizer trains these weights (you update them yourself):
+        updates then reset no optimizer state.
+        """
+        if optimizer is not None:
+            optim_state.check_optimizer(optimizer, {p.fqn: p.param for p in self.params})
         self.optimizer = optimizer
+        self._attached = True
         return self
 
     def step(self) -> dict | None:
         """Call once after each optimizer.step(). Returns the update's stats on update steps."""
+        if not self._attached and self._is_update(self.step_count + 1):
+            raise RuntimeError(
+                f"step {self.step_count + 1} updates the topology, which resets the optimizer "
+                "state of dropped and grown connections: call sparsifier.attach(optimizer) first "
+                "(attach(None) if no torch optimizer trains the sparse weights)")
         self.step_count += 1
         stats = self._update(self.step_count) if self._is_update(self.step_count) else None
         for p in self.params:
