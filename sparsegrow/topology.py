@@ -52,8 +52,9 @@ class SparseParam(Protocol):
 class MaskedParam:
     """A dense weight with a boolean mask of the same shape (the reference storage).
 
-    A gradient hook multiplies the weight gradient by the mask, so momentum, Adam moments and
-    (coupled or decoupled) weight decay never move an inactive weight away from exactly zero.
+    A gradient hook zeroes the weight gradient off the mask (a select, not a product: NaN * 0 is
+    NaN), so momentum, Adam moments and (coupled or decoupled) weight decay never move an
+    inactive weight away from exactly zero, even when training diverges.
     On update steps that need it (RigL), the hook first keeps the unmasked dense gradient.
     """
 
@@ -81,7 +82,7 @@ class MaskedParam:
     def _mask_grad(self, grad: torch.Tensor) -> torch.Tensor:
         if self.capture_dense_grad:
             self.dense_grad = grad.detach().clone()
-        return grad * self.mask
+        return torch.where(self.mask, grad, 0)
 
     def active(self) -> torch.Tensor:
         return torch.nonzero(self.mask.view(-1)).squeeze(1)
@@ -104,7 +105,7 @@ class MaskedParam:
 
     @torch.no_grad()
     def enforce(self) -> None:
-        self.param.mul_(self.mask)
+        self.param.masked_fill_(~self.mask, 0)  # not mul_: NaN * 0 is NaN
 
     @torch.no_grad()
     def scale_init_to_active_fan_in(self) -> None:

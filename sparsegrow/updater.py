@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
@@ -35,6 +36,7 @@ from .grow import GROW, GrowContext
 from .metrics import density_report, itop_rate, union_sorted
 from .registry import Registry
 from .schedules import UpdateSchedule
+from .selection import NonFiniteScores
 from .topology import MaskedParam, SparseParam, isin_sorted, sample_inactive
 
 
@@ -252,21 +254,34 @@ class Sparsifier:
             if not self.allow_regrow:
                 n = min(n, p.numel - nnz)
             if n == 0:
-                layers[p.fqn] = {"dropped": 0, "grown": 0, "regrown": 0, "nnz": nnz}
+                layers[p.fqn] = {"dropped": 0, "grown": 0, "regrown": 0, "nnz": nnz,
+                                 "skipped_nonfinite": False}
                 continue
-            drop_pos = self.drop.select(p.values(active), n, self.generator)
-            drop_idx = active[drop_pos]
-            kept = torch.ones(nnz, dtype=torch.bool, device=active.device)
-            kept[drop_pos] = False
-            excluded = active[kept] if self.allow_regrow else active
-            grow_idx = self.grow.select(GrowContext(p, excluded, step), n, self.generator)
+            try:
+                drop_pos = self.drop.select(p.values(active), n, self.generator)
+                drop_idx = active[drop_pos]
+                kept = torch.ones(nnz, dtype=torch.bool, device=active.device)
+                kept[drop_pos] = False
+                excluded = active[kept] if self.allow_regrow else active
+                grow_idx = self.grow.select(GrowContext(p, excluded, step), n, self.generator)
+            except NonFiniteScores as e:
+                # NaN/inf weights or gradients: no meaningful choice, and a short selection
+                # would change the layer's density. Keep its topology until they are finite.
+                warnings.warn(f"{p.fqn}: topology update at step {step} skipped: {e}",
+                              RuntimeWarning, stacklevel=4)  # step()'s caller, via no_grad
+                layers[p.fqn] = {"dropped": 0, "grown": 0, "regrown": 0, "nnz": nnz,
+                                 "skipped_nonfinite": True}
+                continue
+            if grow_idx.numel() != n:  # a criterion's bug; silently it would drift the density
+                raise RuntimeError(f"{p.fqn}: the grow criterion returned {grow_idx.numel()} "
+                                   f"connections, not {n}")
             regrown = isin_sorted(grow_idx, drop_idx)
             net_grow = grow_idx[~regrown]
             net_drop = drop_idx[~isin_sorted(drop_idx, grow_idx)]
             p.update(net_drop, net_grow, self._initial_values(p, net_grow), self.optimizer)
             self.ever_active[p.fqn] = union_sorted(self.ever_active[p.fqn], net_grow)
             layers[p.fqn] = {"dropped": n, "grown": n, "regrown": int(regrown.sum()),
-                             "nnz": p.nnz()}
+                             "nnz": p.nnz(), "skipped_nonfinite": False}
             # the grow criterion's own instrumentation (search: grow time, recall, quality)
             layers[p.fqn].update(getattr(self.grow, "last_stats", {}).get(p.fqn, {}))
         if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -279,6 +294,7 @@ class Sparsifier:
             "dropped": sum(v["dropped"] for v in layers.values()),
             "grown": sum(v["grown"] for v in layers.values()),
             "regrown": sum(v["regrown"] for v in layers.values()),
+            "skipped_nonfinite": sum(v["skipped_nonfinite"] for v in layers.values()),
             "layers": layers,
         }
 
