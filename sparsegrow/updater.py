@@ -141,6 +141,7 @@ class Sparsifier:
         self.grow_init = grow_init
         self.optimizer: torch.optim.Optimizer | None = None
         self._attached = False  # attach() was called (with an optimizer or None)
+        self._enforce_every_step = True  # until an optimizer known to keep zeros is attached
         self.generator = torch.Generator().manual_seed(seed)
 
         chosen = select_params(model, include)
@@ -192,16 +193,26 @@ class Sparsifier:
         `values` Parameter. A ValueError names any sparse parameter the optimizer does not hold,
         and an optimizer class missing from the reset table (`optim_state.register_optimizer`).
         attach(None) says no torch optimizer trains these weights (you update them yourself):
-        updates then reset no optimizer state.
+        updates then reset no optimizer state, and step() re-zeroes inactive weights every step.
         """
         if optimizer is not None:
             optim_state.check_optimizer(optimizer, {p.fqn: p.param for p in self.params})
+            for p in self.params:
+                p.reset_inactive_state(optimizer)
         self.optimizer = optimizer
         self._attached = True
+        self._enforce_every_step = optimizer is None or not optim_state.keeps_zero(optimizer)
         return self
 
     def step(self) -> dict | None:
-        """Call once after each optimizer.step(). Returns the update's stats on update steps."""
+        """Call once after each optimizer.step(). Returns the update's stats on update steps.
+
+        Between updates inactive weights need no re-zeroing: their gradients are masked to exactly
+        zero and their optimizer state holds the reset table's values, under which every optimizer
+        in the table leaves a zero weight at zero (`optim_state.RESETS` says why, per optimizer).
+        Weights are re-zeroed after updates, and on every step where that cannot be relied on
+        (attach(None), or a registered optimizer without zero_stays_zero).
+        """
         if not self._attached and self._is_update(self.step_count + 1):
             raise RuntimeError(
                 f"step {self.step_count + 1} updates the topology, which resets the optimizer "
@@ -209,8 +220,9 @@ class Sparsifier:
                 "(attach(None) if no torch optimizer trains the sparse weights)")
         self.step_count += 1
         stats = self._update(self.step_count) if self._is_update(self.step_count) else None
-        for p in self.params:
-            p.enforce()
+        if stats is not None or self._enforce_every_step:
+            for p in self.params:
+                p.enforce()
         self._arm(self.step_count + 1)
         return stats
 
@@ -346,6 +358,8 @@ class Sparsifier:
             raise ValueError(f"state is for parameters {sorted(state['params'])}, not {sorted(names)}")
         for p in self.params:
             p.load_state_dict(state["params"][p.fqn])
+            if self.optimizer is not None:  # connections the loaded masks turned off
+                p.reset_inactive_state(self.optimizer)
         self.step_count = int(state["step"])
         self.generator.set_state(state["generator"])
         self.ever_active = {k: v.clone() for k, v in state["ever_active"].items()}

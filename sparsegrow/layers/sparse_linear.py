@@ -320,6 +320,9 @@ class SparseLinearParam:
     def enforce(self) -> None:
         """Nothing to do: inactive weights are not stored, so they are exactly zero."""
 
+    def reset_inactive_state(self, optimizer: torch.optim.Optimizer) -> None:
+        """Nothing to do: inactive connections have no optimizer state."""
+
     def state_dict(self) -> dict:
         return {"active": self.active()}
 
