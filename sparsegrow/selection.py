@@ -22,9 +22,8 @@ class NonFiniteScores(ValueError):
 def require_finite(t: torch.Tensor, what: str) -> None:
     """Raise NonFiniteScores naming `what` unless every entry of `t` is finite."""
     if not bool(torch.isfinite(t).all()):
-        n_nan = int(torch.isnan(t).sum())
-        raise NonFiniteScores(f"{what} holds {n_nan} NaN and {int(torch.isinf(t).sum())} "
-                              f"infinite value(s) of {t.numel()}")
+        n_nan, n_inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
+        raise NonFiniteScores(f"{what}: {n_nan} NaN and {n_inf} infinite of {t.numel()} values")
 
 
 def randperm(n: int, generator: torch.Generator, device) -> torch.Tensor:
