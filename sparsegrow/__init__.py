@@ -6,6 +6,7 @@ weak connections and growing promising ones (SET, RigL, search-based growth, DST
 from .distributions import DISTRIBUTIONS, layer_counts, layer_densities
 from .drop import DROP
 from .grow import GROW, GrowContext
+from .optim_state import register_optimizer
 from .schedules import UpdateSchedule
 from .topology import MaskedParam, SparseParam
 from .updater import METHODS, STORAGES, Sparsifier, sparsify
@@ -16,6 +17,6 @@ from .layers.sparse_linear import SparseLinear, to_masked, to_sparse  # register
 
 __all__ = [
     "DISTRIBUTIONS", "DROP", "DSTConv2d", "DSTLinear", "DSTSparsifier", "GROW", "METHODS", "STORAGES", "GrowContext", "MaskedParam",
-    "SparseLinear", "SparseParam", "Sparsifier", "UpdateSchedule", "build_dst", "layer_counts", "layer_densities", "sparsify", "to_masked", "to_sparse",
+    "SparseLinear", "SparseParam", "Sparsifier", "UpdateSchedule", "build_dst", "layer_counts", "layer_densities", "register_optimizer", "sparsify", "to_masked", "to_sparse",
 ]
 __version__ = "0.1.0"

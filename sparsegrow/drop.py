@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from .registry import Registry
-from .selection import select_top
+from .selection import require_finite, select_top
 
 DROP = Registry("drop criterion")
 
@@ -17,4 +17,6 @@ DROP = Registry("drop criterion")
 class MagnitudeDrop:
     def select(self, values: torch.Tensor, n: int, generator: torch.Generator) -> torch.Tensor:
         """values: (nnz,) active weights -> (n,) sorted positions into them; ties are random."""
+        # -|inf| would read as select_top's "ineligible" -inf: refuse non-finite weights here
+        require_finite(values, "drop scores (|w| of the active weights)")
         return select_top(-values.abs().float(), n, generator)

@@ -137,7 +137,8 @@ class DSTSparsifier:
     # -- lifecycle ---------------------------------------------------------------------------
 
     def attach(self, optimizer: torch.optim.Optimizer) -> "DSTSparsifier":
-        """The optimizer that trains the thresholds (its threshold state is zeroed on resets)."""
+        """The optimizer that trains the thresholds (its threshold state is reset on resets)."""
+        optim_state.reset_entry(optimizer)  # a ValueError unless its reset table entry is known
         in_opt = {id(p): g for g in optimizer.param_groups for p in g["params"]}
         missing = [fqn for fqn, layer in self.layers.items() if id(layer.threshold) not in in_opt]
         if missing:

@@ -4,10 +4,26 @@ Magnitude drop and gradient grow both pick the k largest scores. Plain `torch.to
 to the kernel (and many scores tie: freshly grown weights are all zero, dead units give zero
 gradients), so the k-th value's ties are chosen here uniformly at random with the caller's
 generator: the same seed gives the same selection on any device.
+
+A NaN or +inf score would make the selection short (NaN compares false with everything), so a
+layer would drop and grow different counts and its density would drift: such scores raise
+`NonFiniteScores`, and the Sparsifier skips that layer's update. -inf stays the marker of an
+ineligible entry.
 """
 from __future__ import annotations
 
 import torch
+
+
+class NonFiniteScores(ValueError):
+    """A drop or grow score is NaN or infinite (diverged weights or gradients)."""
+
+
+def require_finite(t: torch.Tensor, what: str) -> None:
+    """Raise NonFiniteScores naming `what` unless every entry of `t` is finite."""
+    if not bool(torch.isfinite(t).all()):
+        n_nan, n_inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
+        raise NonFiniteScores(f"{what}: {n_nan} NaN and {n_inf} infinite of {t.numel()} values")
 
 
 def randperm(n: int, generator: torch.Generator, device) -> torch.Tensor:
@@ -20,12 +36,17 @@ def select_top(scores: torch.Tensor, k: int, generator: torch.Generator) -> torc
 
     Entries equal to the k-th largest value are sampled uniformly with `generator`.
     Entries of -inf are never selected; asking for more than the finite count is an error.
+    A NaN or +inf entry raises NonFiniteScores.
     """
     n = scores.numel()
     if k < 0:
         raise ValueError(f"k must be >= 0, got {k}")
     if k == 0:
         return torch.empty(0, dtype=torch.long, device=scores.device)
+    if scores.dtype != torch.bool:
+        bad = torch.isnan(scores) | (scores == float("inf"))
+        if bool(bad.any()):
+            raise NonFiniteScores(f"{int(bad.sum())} of {n} scores are NaN or +inf")
     finite = n if scores.dtype == torch.bool else int(torch.isfinite(scores).sum())
     if k > finite:
         raise ValueError(f"cannot select {k} entries: only {finite} are eligible")

@@ -9,7 +9,12 @@ every drop/grow criterion, distribution and schedule works on any of them:
     values(idx)                   -> current weights at flat indices idx, (len(idx),)
     update(drop, grow, init, opt) -> remove `drop`, add `grow` with initial values `init`,
                                      and reset the optimizer state of both
-    enforce()                     -> after an optimizer step: inactive weights are exactly zero
+    enforce()                     -> inactive weights are exactly zero (after updates and loads)
+    reset_inactive_state(opt)     -> the optimizer state of inactive connections holds the
+                                     reset table's values (`optim_state.RESETS`; at attach, loads)
+
+`param` is the Parameter the optimizer must train (the dense weight for masked storage, the
+`values` of truly sparse storage).
 
 `MaskedParam` (this file) keeps a dense weight and a boolean mask; the mask is the single
 source of truth. Truly sparse storage (values + indices) lives in `sparsegrow.layers`.
@@ -33,6 +38,7 @@ class SparseParam(Protocol):
     shape: torch.Size  # dense shape (out, in, *kernel)
     numel: int
     module: nn.Module
+    param: nn.Parameter  # what the optimizer trains; the Sparsifier checks it holds it
 
     def active(self) -> torch.Tensor: ...
     def nnz(self) -> int: ...
@@ -40,6 +46,7 @@ class SparseParam(Protocol):
     def update(self, drop: torch.Tensor, grow: torch.Tensor, init: torch.Tensor,
                optimizer: torch.optim.Optimizer | None) -> None: ...
     def enforce(self) -> None: ...
+    def reset_inactive_state(self, optimizer: torch.optim.Optimizer) -> None: ...
     def scale_init_to_active_fan_in(self) -> None: ...
     def state_dict(self) -> dict: ...
     def load_state_dict(self, state: dict) -> None: ...
@@ -61,8 +68,11 @@ class DenseGradSource(Protocol):
 class MaskedParam:
     """A dense weight with a boolean mask of the same shape (the reference storage).
 
-    A gradient hook multiplies the weight gradient by the mask, so momentum, Adam moments and
-    (coupled or decoupled) weight decay never move an inactive weight away from exactly zero.
+    A gradient hook zeroes the weight gradient off the mask (a select, not a product: NaN * 0 is
+    NaN). With the optimizer state of inactive connections at the reset table's values (attach
+    and every drop put it there), momentum, Adam moments and (coupled or decoupled) weight decay
+    then never move an inactive weight away from exactly zero, even when training diverges; the
+    table reasons it out per optimizer. So `enforce` is needed only after updates and loads.
     The hook first hands the unmasked dense gradient to its observer, if any (`observe_grad`:
     the growth signal of RigL's gradient grow, summed over micro-batches and ranks there).
     """
@@ -93,7 +103,7 @@ class MaskedParam:
     def _mask_grad(self, grad: torch.Tensor) -> torch.Tensor:
         if self._grad_observer is not None:
             self._grad_observer(grad)
-        return grad * self.mask
+        return torch.where(self.mask, grad, 0)
 
     def active(self) -> torch.Tensor:
         return torch.nonzero(self.mask.view(-1)).squeeze(1)
@@ -116,7 +126,13 @@ class MaskedParam:
 
     @torch.no_grad()
     def enforce(self) -> None:
-        self.param.mul_(self.mask)
+        self.param.masked_fill_(~self.mask, 0)  # not mul_: NaN * 0 is NaN
+
+    @torch.no_grad()
+    def reset_inactive_state(self, optimizer: torch.optim.Optimizer) -> None:
+        # e.g. momentum left by dense training before sparsifying, which would move inactive weights
+        optim_state.reset_positions(optimizer, self.param,
+                                    torch.nonzero(~self.mask.view(-1)).squeeze(1))
 
     @torch.no_grad()
     def scale_init_to_active_fan_in(self) -> None:

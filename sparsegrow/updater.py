@@ -2,7 +2,7 @@
 
     sparsifier = sparsegrow.Sparsifier(model, density=0.05, method="rigl",
                                        schedule=UpdateSchedule(every=100, end=7500))
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)  # after the Sparsifier
     sparsifier.attach(optimizer)
     for x, y in data:
         loss = F.cross_entropy(model(x), y)
@@ -29,19 +29,21 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
 import torch
 from torch import nn
 
-from . import distributions
+from . import distributions, optim_state
 from .distributed import Collective
 from .drop import DROP
 from .grow import GROW, GrowContext, GrowCriterion
 from .metrics import density_report, itop_rate, union_sorted
 from .registry import Registry
 from .schedules import UpdateSchedule
+from .selection import NonFiniteScores
 from .signals import GrowSignals
 from .topology import MaskedParam, SparseParam, isin_sorted, sample_inactive
 
@@ -151,7 +153,9 @@ class Sparsifier:
                              "sparsegrow.grow.GrowCriterion (needs_signal, select)")
         self.allow_regrow = allow_regrow
         self.grow_init = grow_init
-        self.optimizer = optimizer
+        self.optimizer: torch.optim.Optimizer | None = None
+        self._attached = False  # attach() was called (with an optimizer or None)
+        self._enforce_every_step = True  # until an optimizer known to keep zeros is attached
         self.generator = torch.Generator().manual_seed(seed)  # the same on every rank
         self.dist = Collective(process_group, enabled=distributed)
 
@@ -193,20 +197,49 @@ class Sparsifier:
         self.signals = GrowSignals(need, self.updated, self.dist) if need is not None else None
         self._last_update = self.schedule.update_steps()[-1] if self.dynamic else 0
         self._arm(1)
+        if optimizer is not None:
+            self.attach(optimizer)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
-    def attach(self, optimizer: torch.optim.Optimizer) -> "Sparsifier":
-        """The optimizer whose state is reset for dropped and grown connections."""
+    def attach(self, optimizer: torch.optim.Optimizer | None) -> "Sparsifier":
+        """The optimizer that trains the sparse weights; updates reset its state for dropped and
+        grown connections (`optim_state.RESETS`). Required before the first topology update.
+
+        Build it after the Sparsifier: storage="sparse" replaces each Linear weight by a new
+        `values` Parameter. A ValueError names any sparse parameter the optimizer does not hold,
+        and an optimizer class missing from the reset table (`optim_state.register_optimizer`).
+        attach(None) says no torch optimizer trains these weights (you update them yourself):
+        updates then reset no optimizer state, and step() re-zeroes inactive weights every step.
+        """
+        if optimizer is not None:
+            optim_state.check_optimizer(optimizer, {p.fqn: p.param for p in self.params})
+            for p in self.params:
+                p.reset_inactive_state(optimizer)
         self.optimizer = optimizer
+        self._attached = True
+        self._enforce_every_step = optimizer is None or not optim_state.keeps_zero(optimizer)
         return self
 
     def step(self) -> dict | None:
-        """Call once after each optimizer.step(). Returns the update's stats on update steps."""
+        """Call once after each optimizer.step(). Returns the update's stats on update steps.
+
+        Between updates inactive weights need no re-zeroing: their gradients are masked to exactly
+        zero and their optimizer state holds the reset table's values, under which every optimizer
+        in the table leaves a zero weight at zero (`optim_state.RESETS` says why, per optimizer).
+        Weights are re-zeroed after updates, and on every step where that cannot be relied on
+        (attach(None), or a registered optimizer without zero_stays_zero).
+        """
+        if not self._attached and self._is_update(self.step_count + 1):
+            raise RuntimeError(
+                f"step {self.step_count + 1} updates the topology, which resets the optimizer "
+                "state of dropped and grown connections: call sparsifier.attach(optimizer) first "
+                "(attach(None) if no torch optimizer trains the sparse weights)")
         self.step_count += 1
         stats = self._update(self.step_count) if self._is_update(self.step_count) else None
-        for p in self.params:
-            p.enforce()
+        if stats is not None or self._enforce_every_step:
+            for p in self.params:
+                p.enforce()
         self._arm(self.step_count + 1)
         return stats
 
@@ -240,23 +273,37 @@ class Sparsifier:
             if not self.allow_regrow:
                 n = min(n, p.numel - nnz)
             if n == 0:
-                layers[p.fqn] = {"dropped": 0, "grown": 0, "regrown": 0, "nnz": nnz}
+                layers[p.fqn] = {"dropped": 0, "grown": 0, "regrown": 0, "nnz": nnz,
+                                 "skipped_nonfinite": False}
                 continue
-            drop_pos = self.drop.select(p.values(active), n, self.generator)
-            drop_idx = active[drop_pos]
-            kept = torch.ones(nnz, dtype=torch.bool, device=active.device)
-            kept[drop_pos] = False
-            excluded = active[kept] if self.allow_regrow else active
             sig = signals.get(p.fqn)
-            ctx = GrowContext(p, excluded, step, sig)
-            grow_idx = self.grow.select(ctx, n, self.generator)
+            ctx = GrowContext(p, active, step, sig)  # excluded: set after the drop
+            try:
+                drop_pos = self.drop.select(p.values(active), n, self.generator)
+                drop_idx = active[drop_pos]
+                kept = torch.ones(nnz, dtype=torch.bool, device=active.device)
+                kept[drop_pos] = False
+                ctx.excluded = active[kept] if self.allow_regrow else active
+                grow_idx = self.grow.select(ctx, n, self.generator)
+            except NonFiniteScores as e:
+                # NaN/inf weights or gradients: no meaningful choice, and a short selection
+                # would change the layer's density. Keep its topology until they are finite
+                # (every rank skips alike: weights and the reduced signal are the same there).
+                warnings.warn(f"{p.fqn}: topology update at step {step} skipped: {e}",
+                              RuntimeWarning, stacklevel=4)  # step()'s caller, via no_grad
+                layers[p.fqn] = {"dropped": 0, "grown": 0, "regrown": 0, "nnz": nnz,
+                                 "skipped_nonfinite": True}
+                continue
+            if grow_idx.numel() != n:  # a criterion's bug; silently it would drift the density
+                raise RuntimeError(f"{p.fqn}: the grow criterion returned {grow_idx.numel()} "
+                                   f"connections, not {n}")
             regrown = isin_sorted(grow_idx, drop_idx)
             net_grow = grow_idx[~regrown]
             net_drop = drop_idx[~isin_sorted(drop_idx, grow_idx)]
             p.update(net_drop, net_grow, self._initial_values(p, net_grow), self.optimizer)
             self.ever_active[p.fqn] = union_sorted(self.ever_active[p.fqn], net_grow)
             layers[p.fqn] = {"dropped": n, "grown": n, "regrown": int(regrown.sum()),
-                             "nnz": p.nnz()}
+                             "nnz": p.nnz(), "skipped_nonfinite": False}
             if sig is not None:  # steps summed; time in this rank's capture hooks
                 layers[p.fqn].update(signal_steps=sig.steps, signal_time_s=sig.time_s)
             # the grow criterion's own instrumentation (search: grow time, recall, quality)
@@ -274,6 +321,7 @@ class Sparsifier:
             "dropped": sum(v["dropped"] for v in layers.values()),
             "grown": sum(v["grown"] for v in layers.values()),
             "regrown": sum(v["regrown"] for v in layers.values()),
+            "skipped_nonfinite": sum(v["skipped_nonfinite"] for v in layers.values()),
             "layers": layers,
         }
 
@@ -325,6 +373,8 @@ class Sparsifier:
             raise ValueError(f"state is for parameters {sorted(state['params'])}, not {sorted(names)}")
         for p in self.params:
             p.load_state_dict(state["params"][p.fqn])
+            if self.optimizer is not None:  # connections the loaded masks turned off
+                p.reset_inactive_state(self.optimizer)
         self.step_count = int(state["step"])
         self.generator.set_state(state["generator"])
         self.ever_active = {k: v.clone() for k, v in state["ever_active"].items()}

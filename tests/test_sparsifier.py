@@ -125,14 +125,29 @@ def test_density_exact_and_moves_are_valid(method, distribution, kind):
         assert sp.report()["itop"] == pytest.approx(sp.report()["global_density"])
 
 
+ZERO_KEEPING_OPTIMIZERS = {  # every entry of optim_state.RESETS, with weight decay where it has one
+    "sgd": lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, weight_decay=5e-2, nesterov=True),
+    "adamw": lambda ps: torch.optim.AdamW(ps, lr=0.01, weight_decay=0.1, amsgrad=True),
+    "adam": lambda ps: torch.optim.Adam(ps, lr=0.01, weight_decay=0.1),
+    "rmsprop": lambda ps: torch.optim.RMSprop(ps, lr=0.01, momentum=0.9, centered=True,
+                                              weight_decay=0.1),
+    "adagrad": lambda ps: torch.optim.Adagrad(ps, lr=0.1, initial_accumulator_value=0.1,
+                                              weight_decay=0.1),
+    "rprop": lambda ps: torch.optim.Rprop(ps, lr=0.01),
+}
+
+
+def fresh_state(opt, param, key):
+    """The reset table's value of state `key` for `param`'s group."""
+    group = next(g for g in opt.param_groups if any(q is param for q in g["params"]))
+    return sg.optim_state.RESETS[type(opt)].initial[key](group)
+
+
 @pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("opt_name", ["sgd", "adamw", "adam"])
+@pytest.mark.parametrize("opt_name", list(ZERO_KEEPING_OPTIMIZERS))
 def test_inactive_weights_stay_exactly_zero(method, opt_name):
     model, sp = make(method, kind="conv", every=2)
-    params = model.parameters()
-    opt = {"sgd": lambda: torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=5e-2, nesterov=True),
-           "adamw": lambda: torch.optim.AdamW(params, lr=0.01, weight_decay=0.1),
-           "adam": lambda: torch.optim.Adam(params, lr=0.01, weight_decay=0.1)}[opt_name]()
+    opt = ZERO_KEEPING_OPTIMIZERS[opt_name](model.parameters())
     sp.attach(opt)
 
     def check(t):
@@ -140,10 +155,70 @@ def test_inactive_weights_stay_exactly_zero(method, opt_name):
             assert (p.param.detach()[~p.mask] == 0).all()
             for key, s in opt.state[p.param].items():
                 if torch.is_tensor(s) and s.shape == p.param.shape:
-                    # optimizer state of inactive connections is zero too, so nothing can leak back
-                    assert (s[~p.mask] == 0).all(), key
+                    # state of inactive connections is a fresh parameter's (zero moments), so
+                    # nothing can leak back
+                    assert (s[~p.mask] == fresh_state(opt, p.param, key)).all(), key
 
     train(model, sp, opt, 20, check=check)
+
+
+def test_attach_resets_state_left_by_dense_training():
+    # Momentum of dense training before sparsifying would move inactive weights: attach resets it.
+    torch.manual_seed(0)
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    for t in range(3):
+        x, y = batch(t)
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    sp = sg.Sparsifier(model, 0.3, method="set", schedule=sg.UpdateSchedule(every=4, end=40))
+    sp.attach(opt)
+
+    def check(t):
+        for p in sp.params:
+            assert (p.param.detach()[~p.mask] == 0).all()
+
+    train(model, sp, opt, 10, start=3, check=check)
+
+
+def test_step_without_update_does_not_rezero_weights_unless_it_must():
+    # The gradient mask and the reset table keep inactive weights at zero (test above); step()
+    # re-zeroes only after updates, or every step where nothing vouches for the optimizer.
+    class Plain(torch.optim.SGD):  # registered without zero_stays_zero: re-zeroed every step
+        pass
+
+    sg.register_optimizer(Plain, {"momentum_buffer": 0.0})
+    for make_opt, every_step in ((lambda ps: torch.optim.Adam(ps, lr=1e-2), False),
+                                 (lambda ps: Plain(ps, lr=0.05, momentum=0.9), True),
+                                 (None, True)):
+        model, sp = make("set", every=4)
+        opt = make_opt(model.parameters()) if make_opt else torch.optim.SGD(model.parameters(), 0.05)
+        sp.attach(opt if make_opt else None)
+        calls = []
+        for p in sp.params:
+            p.enforce = (lambda orig: lambda: (calls.append(1), orig()))(p.enforce)
+        stats = train(model, sp, opt, 8)
+        n_enforce = len(calls) // len(sp.params)
+        assert n_enforce == (8 if every_step else len(stats)) and len(stats) == 2
+
+
+def test_loading_masks_resets_state_of_connections_they_turn_off():
+    model, sp = make("set", every=4)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    sp.attach(opt)
+    train(model, sp, opt, 3)
+    other = make("set", every=4, seed=1)[1].state_dict()  # a different pattern
+    other["step"] = sp.step_count
+    sp.load_state_dict(other)
+
+    def check(t):
+        for p in sp.params:
+            assert (p.param.detach()[~p.mask] == 0).all()
+            assert (opt.state[p.param]["momentum_buffer"][~p.mask] == 0).all()
+
+    check(None)
+    train(model, sp, opt, 3, start=3, check=check)
 
 
 @pytest.mark.parametrize("method", METHODS)

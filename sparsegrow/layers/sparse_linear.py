@@ -20,7 +20,7 @@ Topology: `SparseLinearParam` is the `SparseParam` view the Sparsifier drives (a
 update, enforce, state_dict); registered as STORAGES["sparse"]. On update, values and every
 per-nnz optimizer state tensor (SGD momentum, Adam moments) are re-indexed together: kept
 connections keep their value and state, dropped ones vanish, grown ones start at `init` with
-zero state. The Parameter object stays the same, so `optimizer.state[param]` stays keyed.
+the state of a fresh parameter (`optim_state.RESETS`, e.g. zero Adam moments). The Parameter object stays the same, so `optimizer.state[param]` stays keyed.
 
 Export: `to_masked(model)` turns every SparseLinear into nn.Linear + MaskedParam (the reference
 storage), `to_sparse(model, params)` turns them back; the round trip is exact.
@@ -319,6 +319,9 @@ class SparseLinearParam:
 
     def enforce(self) -> None:
         """Nothing to do: inactive weights are not stored, so they are exactly zero."""
+
+    def reset_inactive_state(self, optimizer: torch.optim.Optimizer) -> None:
+        """Nothing to do: inactive connections have no optimizer state."""
 
     def state_dict(self) -> dict:
         return {"active": self.active()}

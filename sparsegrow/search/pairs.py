@@ -27,6 +27,7 @@ import math
 
 import torch
 
+from ..selection import require_finite
 from .base import BACKENDS, TopPool, check_metric, to_l2_base, to_l2_query
 from .exact import _scores, exact_top_pairs
 
@@ -76,6 +77,10 @@ def top_pairs(Z: torch.Tensor, X: torch.Tensor, n: int, excluded: torch.Tensor,
               k_similar: float = 0.15, global_threshold: bool = True, seed: int = 0,
               backend_options: dict | None = None) -> tuple[torch.Tensor, torch.Tensor, dict]:
     check_metric(metric)
+    # A NaN score is never pooled (it compares false) and the pool would fill the gap at random:
+    # refuse non-finite vectors, whose scores would be non-finite (selection.NonFiniteScores).
+    require_finite(Z, "the search grow signal dZ (layer output gradients)")
+    require_finite(X, "the search grow signal X (layer inputs)")
     if backend == "exact":
         return exact_top_pairs(Z, X, n, excluded, generator, metric, **(backend_options or {}))
     N, M = Z.shape[1], X.shape[1]
