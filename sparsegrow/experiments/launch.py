@@ -50,7 +50,10 @@ def init_from_env(device: str) -> World:
 
 
 def shutdown(world: World) -> None:
+    """Leave the process group together: a rank that tears gloo down while another is still
+    evaluating or writing aborts ("terminate called without an active exception")."""
     if world.distributed and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 
