@@ -154,6 +154,8 @@ class Sparsifier:
         self.optimizer = optimizer
         self.generator = torch.Generator().manual_seed(seed)  # the same on every rank
         self.dist = Collective(process_group, enabled=distributed)
+        self.model = model  # squash() finalises it
+        self.squashed = False
 
         chosen = select_params(model, include)
         dense_set = set(dense_layers)
@@ -203,6 +205,8 @@ class Sparsifier:
 
     def step(self) -> dict | None:
         """Call once after each optimizer.step(). Returns the update's stats on update steps."""
+        if self.squashed:
+            raise RuntimeError("this Sparsifier was squashed: its model is a plain dense model now")
         self.step_count += 1
         stats = self._update(self.step_count) if self._is_update(self.step_count) else None
         for p in self.params:
@@ -223,6 +227,22 @@ class Sparsifier:
             return
         window = self.signals.spec.accumulate and self.schedule.start < step <= self._last_update
         self.signals.arm(self._is_update(step) or window)
+
+    def squash(self) -> nn.Module:
+        """Finalise the model (torch.ao's squash_mask): every sparse weight becomes a plain
+        module's dense weight with zeros in place; no gradient hook, mask buffer, signal hook or
+        sparse layer is left, so its state_dict loads into a fresh dense model. Returns the model;
+        this Sparsifier is done (step() raises). To keep the weights compact, use
+        `sparsegrow.export_sparse` instead (before squashing)."""
+        if self.signals is not None:
+            self.signals.remove()
+            self.signals = None
+        for p in self.params:
+            p.squash(self.model)
+        self.params, self.updated, self.squashed = [], [], True
+        return self.model
+
+    remove = squash
 
     # -- the update --------------------------------------------------------------------------
 

@@ -320,6 +320,10 @@ class SparseLinearParam:
     def enforce(self) -> None:
         """Nothing to do: inactive weights are not stored, so they are exactly zero."""
 
+    def squash(self, model: nn.Module) -> None:
+        """Replace the SparseLinear by an nn.Linear holding W densely (only where it fits)."""
+        _replace_module(model, self.fqn.rpartition(".")[0], self.module.to_dense_linear())
+
     def state_dict(self) -> dict:
         return {"active": self.active()}
 
