@@ -35,7 +35,7 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-from . import distributions
+from . import coverage, distributions
 from .distributed import Collective
 from .drop import DROP
 from .grow import GROW, GrowContext, GrowCriterion
@@ -71,13 +71,17 @@ GROW_INITS = ("zero", "random")
 
 
 def default_filter(module: nn.Module, name: str) -> bool:
-    return isinstance(module, (nn.Linear, nn.Conv2d)) and name == "weight"
+    """Every Linear and Conv2d weight, and nn.MultiheadAttention's projection weights (QKV
+    `in_proj_weight` or q/k/v_proj_weight; `out_proj` is a Linear): masked storage serves them
+    all; storages and criteria that cannot are refused by name (`sparsegrow.coverage`)."""
+    return (isinstance(module, (nn.Linear, nn.Conv2d)) and name == "weight") or \
+        coverage.is_attention_projection(module, name)
 
 
 def select_params(model: nn.Module, include=None) -> list[tuple[str, nn.Module, str]]:
     """(fqn, module, param_name) of every weight to sparsify, in model order.
 
-    include: None (every Linear and Conv2d weight), a list of fully qualified names
+    include: None (`default_filter`: every Linear and Conv2d weight and attention projection), a list of fully qualified names
     ("features.0.weight"), or a filter function (module, param_name) -> bool, asked only about
     parameters of two or more dimensions.
     """
@@ -158,6 +162,13 @@ class Sparsifier:
         self.squashed = False
 
         chosen = select_params(model, include)
+        # Masked storage keeps the module's own dense weight (any use is fine); every other
+        # storage replaces the module. Search-like growth reads rows in the module's forward.
+        needs = self.grow.needs_signal if self.dynamic else None
+        STORAGES.get(storage)  # an unknown storage is named first
+        coverage.check(model, [c[0] for c in chosen], replaces_module=storage != "masked",
+                       needs_rows=needs is not None and needs.kind == "rows", storage=storage,
+                       method=method)
         dense_set = set(dense_layers)
         unknown = dense_set - {c[0] for c in chosen}
         if unknown:
