@@ -83,3 +83,38 @@ def test_transformer_export_keeps_attention_dense_with_zeros(tmp_path):
     assert type(loaded.encoder.layers[0].linear1) is nn.Linear  # read by the fast path
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("storage", ["masked", "sparse"])
+def test_cli_export_of_a_run_loads_for_inference(storage, tmp_path, capsys):
+    from sparsegrow.experiments import loop
+    from sparsegrow.experiments.build import build_sparsifier
+    from sparsegrow.experiments.cli import main
+    from sparsegrow.experiments.config import load_config
+    from sparsegrow.experiments.data import load_dataset, steps_per_epoch
+    from sparsegrow.experiments.export import load_exported_run
+    from sparsegrow.experiments.models import build_model
+
+    args = ["model.name=mlp", "model.kwargs={hidden: [32]}", "train.epochs=1",
+            "data.dataset=digits", "train.batch_size=100", "sparsity.update_every=3",
+            "sparsity.method=set", "sparsity.density=0.1", f"sparsity.storage={storage}",
+            "train.threads=1"]
+    cfg = load_config(None, args)
+    loop.train(cfg, tmp_path / "run", progress=False)
+    out = tmp_path / "m.safetensors"
+    assert main(["export", str(tmp_path / "run"), "--out", str(out)]) == 0, capsys.readouterr().err
+    assert "of the dense state_dict" in capsys.readouterr().out
+    loaded = load_exported_run(out)
+    assert any(isinstance(m, sg.SparseLinear) for m in loaded.modules())
+    # the trained model, rebuilt the way training built it
+    data = load_dataset("digits", seed=cfg.seed)
+    ref = build_model("mlp", data.input_shape, data.num_classes, hidden=[32])
+    sp = build_sparsifier(cfg, ref, steps_per_epoch(len(data.train_y), 100))
+    ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
+    ref.load_state_dict(ckpt["model"])
+    sp.load_state_dict(ckpt["sparsifier"])
+    x = data.test_x[:20].float()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), ref.eval()(x), rtol=1e-5, atol=1e-5)
+    assert main(["export", str(tmp_path / "nope"), "--out", str(out)]) == 2
+    assert "written by `sparsegrow train`" in capsys.readouterr().err
