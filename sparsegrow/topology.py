@@ -50,6 +50,9 @@ class SparseParam(Protocol):
     def scale_init_to_active_fan_in(self) -> None: ...
     def state_dict(self) -> dict: ...
     def load_state_dict(self, state: dict) -> None: ...
+    def squash(self, model: nn.Module) -> None:
+        """Finalise: leave `model` a plain module holding this weight densely (zeros off the
+        active set), with no hook, buffer or sparse layer of the storage left behind."""
 
 
 @runtime_checkable
@@ -68,6 +71,11 @@ class DenseGradSource(Protocol):
 class MaskedParam:
     """A dense weight with a boolean mask of the same shape (the reference storage).
 
+    The mask is a persistent buffer of the weight's own module, `<param_name>_mask` (e.g.
+    `fc1.weight_mask`), so `model.to()`, `model.state_dict()` and `model.load_state_dict()` carry
+    the topology with the weights; this object holds no tensor of its own. Loading a model state
+    restores the topology: `active()` reads the buffer, and a load hook zeroes the weight off it.
+
     A gradient hook zeroes the weight gradient off the mask (a select, not a product: NaN * 0 is
     NaN). With the optimizer state of inactive connections at the reset table's values (attach
     and every drop put it there), momentum, Adam moments and (coupled or decoupled) weight decay
@@ -75,27 +83,55 @@ class MaskedParam:
     table reasons it out per optimizer. So `enforce` is needed only after updates and loads.
     The hook first hands the unmasked dense gradient to its observer, if any (`observe_grad`:
     the growth signal of RigL's gradient grow, summed over micro-batches and ranks there).
+
+    Why a buffer and not a torch.nn.utils.parametrize parametrization (torch.ao's FakeSparsity):
+    a parametrization renames the weight in the state_dict (`parametrizations.weight.original`),
+    so a sparse model's checkpoint would no longer load into the plain architecture, and it
+    multiplies weight by mask in every forward; the buffer keeps `weight` where it was and costs
+    nothing per step (the gradient hook and `enforce()` already keep inactive weights at zero).
     """
 
     def __init__(self, fqn: str, module: nn.Module, param_name: str, active: torch.Tensor):
         self.fqn = fqn
         self.module = module
         self.param_name = param_name
+        self.mask_name = mask_buffer_name(param_name)
         param = self.param
         self.shape = param.shape
         self.numel = param.numel()
-        self.mask = torch.zeros(self.shape, dtype=torch.bool, device=param.device)
-        self.mask.view(-1)[active.to(param.device)] = True
+        mask = torch.zeros(self.shape, dtype=torch.bool, device=param.device)
+        mask.view(-1)[active.to(param.device)] = True
+        if self.mask_name in module._parameters or (
+                hasattr(module, self.mask_name) and self.mask_name not in module._buffers):
+            raise ValueError(f"{fqn}: its module already has an attribute {self.mask_name!r}, "
+                             "where masked storage keeps the mask; rename it or use include=...")
+        module.register_buffer(self.mask_name, mask, persistent=True)
         self._grad_observer: Callable[[torch.Tensor], None] | None = None
         old = getattr(param, "_sparsegrow_hook", None)
         if old is not None:  # sparsified again: the newest mask alone applies
             old.remove()
         self._hook = param._sparsegrow_hook = param.register_hook(self._mask_grad)
+        self._load_hooks = [
+            module._register_load_state_dict_pre_hook(self._before_load),
+            module.register_load_state_dict_post_hook(lambda m, keys: self.enforce()),
+        ]
         self.enforce()
 
     @property
     def param(self) -> nn.Parameter:
         return getattr(self.module, self.param_name)
+
+    @property
+    def mask(self) -> torch.Tensor:
+        """The module's mask buffer (*shape), bool; wherever `.to()` has moved it."""
+        return self.module._buffers[self.mask_name]
+
+    def _before_load(self, state_dict, prefix, *args) -> None:
+        # A model state saved before masks lived in the model (no `<name>_mask` key): keep the
+        # current mask; the Sparsifier's state_dict, loaded next, restores the saved one.
+        key = prefix + self.mask_name
+        if key not in state_dict and prefix + self.param_name in state_dict:
+            state_dict[key] = self.mask.clone()
 
     def observe_grad(self, fn: Callable[[torch.Tensor], None] | None) -> None:
         self._grad_observer = fn
@@ -142,7 +178,19 @@ class MaskedParam:
         self.param.view(self.shape[0], -1).mul_(scale[:, None].to(self.param.dtype))
 
     def remove(self) -> None:
+        """Detach from the model: no gradient hook, no load hooks, no mask buffer. The weight
+        keeps its values (zeros off the mask); `Sparsifier.squash()` calls this for every layer."""
         self._hook.remove()
+        if getattr(self.param, "_sparsegrow_hook", None) is self._hook:
+            del self.param._sparsegrow_hook
+        for h in self._load_hooks:
+            h.remove()
+        self._load_hooks = []
+        self.module._buffers.pop(self.mask_name, None)
+
+    def squash(self, model: nn.Module) -> None:
+        self.enforce()
+        self.remove()
 
     def state_dict(self) -> dict:
         return {"mask": self.mask.clone()}
@@ -153,6 +201,11 @@ class MaskedParam:
             raise ValueError(f"{self.fqn}: mask shape {tuple(mask.shape)} != {tuple(self.shape)}")
         self.mask.copy_(mask)
         self.enforce()
+
+
+def mask_buffer_name(param_name: str) -> str:
+    """Where masked storage keeps a weight's mask in its module: "weight" -> "weight_mask"."""
+    return f"{param_name}_mask"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -36,7 +36,7 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-from . import distributions, optim_state
+from . import coverage, distributions, optim_state
 from .distributed import Collective
 from .drop import DROP
 from .grow import GROW, GrowContext, GrowCriterion
@@ -73,13 +73,17 @@ GROW_INITS = ("zero", "random")
 
 
 def default_filter(module: nn.Module, name: str) -> bool:
-    return isinstance(module, (nn.Linear, nn.Conv2d)) and name == "weight"
+    """Every Linear and Conv2d weight, and nn.MultiheadAttention's projection weights (QKV
+    `in_proj_weight` or q/k/v_proj_weight; `out_proj` is a Linear): masked storage serves them
+    all; storages and criteria that cannot are refused by name (`sparsegrow.coverage`)."""
+    return (isinstance(module, (nn.Linear, nn.Conv2d)) and name == "weight") or \
+        coverage.is_attention_projection(module, name)
 
 
 def select_params(model: nn.Module, include=None) -> list[tuple[str, nn.Module, str]]:
     """(fqn, module, param_name) of every weight to sparsify, in model order.
 
-    include: None (every Linear and Conv2d weight), a list of fully qualified names
+    include: None (`default_filter`: every Linear and Conv2d weight and attention projection), a list of fully qualified names
     ("features.0.weight"), or a filter function (module, param_name) -> bool, asked only about
     parameters of two or more dimensions.
     """
@@ -158,8 +162,17 @@ class Sparsifier:
         self._enforce_every_step = True  # until an optimizer known to keep zeros is attached
         self.generator = torch.Generator().manual_seed(seed)  # the same on every rank
         self.dist = Collective(process_group, enabled=distributed)
+        self.model = model  # squash() finalises it
+        self.squashed = False
 
         chosen = select_params(model, include)
+        # Masked storage keeps the module's own dense weight (any use is fine); every other
+        # storage replaces the module. Search-like growth reads rows in the module's forward.
+        needs = self.grow.needs_signal if self.dynamic else None
+        STORAGES.get(storage)  # an unknown storage is named first
+        coverage.check(model, [c[0] for c in chosen], replaces_module=storage != "masked",
+                       needs_rows=needs is not None and needs.kind == "rows", storage=storage,
+                       method=method)
         dense_set = set(dense_layers)
         unknown = dense_set - {c[0] for c in chosen}
         if unknown:
@@ -235,6 +248,8 @@ class Sparsifier:
                 f"step {self.step_count + 1} updates the topology, which resets the optimizer "
                 "state of dropped and grown connections: call sparsifier.attach(optimizer) first "
                 "(attach(None) if no torch optimizer trains the sparse weights)")
+        if self.squashed:
+            raise RuntimeError("this Sparsifier was squashed: its model is a plain dense model now")
         self.step_count += 1
         stats = self._update(self.step_count) if self._is_update(self.step_count) else None
         if stats is not None or self._enforce_every_step:
@@ -256,6 +271,22 @@ class Sparsifier:
             return
         window = self.signals.spec.accumulate and self.schedule.start < step <= self._last_update
         self.signals.arm(self._is_update(step) or window)
+
+    def squash(self) -> nn.Module:
+        """Finalise the model (torch.ao's squash_mask): every sparse weight becomes a plain
+        module's dense weight with zeros in place; no gradient hook, mask buffer, signal hook or
+        sparse layer is left, so its state_dict loads into a fresh dense model. Returns the model;
+        this Sparsifier is done (step() raises). To keep the weights compact, use
+        `sparsegrow.export_sparse` instead (before squashing)."""
+        if self.signals is not None:
+            self.signals.remove()
+            self.signals = None
+        for p in self.params:
+            p.squash(self.model)
+        self.params, self.updated, self.squashed = [], [], True
+        return self.model
+
+    remove = squash
 
     # -- the update --------------------------------------------------------------------------
 

@@ -314,21 +314,53 @@ def test_allow_regrow_false_excludes_just_dropped():
     assert stats and all(s["regrown"] == 0 for s in stats)
 
 
-def test_regrown_connections_keep_their_weight():
-    # A large update fraction drops most connections; RigL regrows many of them (their gradients
-    # are large), and those keep their values instead of restarting from zero.
-    model, sp = make("rigl", every=2, fraction=0.9)
-    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+def _state_at(opt, p, idx):
+    """Each Adam state tensor of p's storage at flat indices idx (a dense or a per-nnz tensor)."""
+    st = opt.state[p.param]
+    active = p.active()
+    out = {}
+    for k in ("exp_avg", "exp_avg_sq"):
+        t = st[k].reshape(-1)
+        out[k] = t[idx] if t.numel() == p.numel else t[torch.searchsorted(active, idx)]
+    return out
+
+
+@pytest.mark.parametrize("method,storage", [("rigl", "masked"), ("set", "masked"), ("set", "sparse")])
+def test_regrown_connections_keep_their_weight_and_optimizer_state(method, storage):
+    # A large update fraction drops most connections; some of them are grown again in the same
+    # update ("regrown", allow_regrow=True). Those must keep their weight and their Adam moments
+    # bit for bit, as if never dropped; every connection active before and after does.
+    torch.manual_seed(0)
+    model = mlp()
+    sp = sg.Sparsifier(model, 0.5, method=method, storage=storage, allow_regrow=True, seed=3,
+                       schedule=sg.UpdateSchedule(every=3, end=40, fraction=0.9, decay="constant"))
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
     sp.attach(opt)
-    train(model, sp, opt, 1)
-    snap = {p.fqn: (p.mask.clone(), p.param.detach().clone()) for p in sp.params}
-    stats = train(model, sp, opt, 1, start=1)
-    assert stats[0]["regrown"] > 0
+    for step in range(3):
+        x, y = batch(step)
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step < 2:
+            assert sp.step() is None
+    # after the optimizer step of the update step, before the update
+    before = {p.fqn: (p.active(), p.values(p.active()).clone(),
+                      {k: v.clone() for k, v in _state_at(opt, p, p.active()).items()})
+              for p in sp.params}
+    stats = sp.step()
+    assert stats["regrown"] > 0
     for p in sp.params:
-        m0, w0 = snap[p.fqn]
-        stay = m0 & p.mask
-        # connections active before and after kept the values of the optimizer step
-        assert torch.count_nonzero(p.param.detach()[stay]) > 0
+        a0, w0, s0 = before[p.fqn]
+        a1 = p.active()
+        stay = a0[torch.isin(a0, a1)]  # kept or regrown
+        pos = torch.searchsorted(a0, stay)
+        assert torch.count_nonzero(w0[pos]) == stay.numel()  # nothing to confuse with zero
+        assert torch.equal(p.values(stay), w0[pos]), p.fqn
+        s1 = _state_at(opt, p, stay)
+        for k in s0:
+            assert torch.count_nonzero(s0[k][pos]) > 0.9 * stay.numel()  # dead units: zero
+            assert torch.equal(s1[k], s0[k][pos]), (p.fqn, k)
 
 
 def test_schedule_fires_exactly_where_it_should():

@@ -6,6 +6,7 @@
     sparsegrow sweep SWEEP [key=value ...] [--smoke] [--dry-run]
     sparsegrow report RUNS... [--per-run | --thesis] [--out FILE]
     sparsegrow plot {density,accuracy,density-acc,time,acc-vs-k,recall} RUNS... --out FILE.png
+    sparsegrow export RUN_DIR --out FILE
     sparsegrow list
 """
 from __future__ import annotations
@@ -103,6 +104,16 @@ def _cmd_plot(args) -> int:
     return 0
 
 
+def _cmd_export(args) -> int:
+    from .export import export_run
+
+    info = export_run(args.run_dir, args.out)
+    print(f"wrote {args.out}: {info['bytes']} bytes ({info['bytes'] / info['dense_bytes']:.3f} of "
+          f"the dense state_dict's {info['dense_bytes']}), {info['nnz']} of {info['numel']} "
+          "sparse weights active")
+    return 0
+
+
 def _cmd_list(args) -> int:
     import sparsegrow
     from .data import DATASETS
@@ -157,6 +168,10 @@ def make_parser() -> argparse.ArgumentParser:
     pl.add_argument("runs", nargs="+", help="run directories or folders holding runs")
     pl.add_argument("--out", required=True, help="output PNG")
     pl.set_defaults(func=_cmd_plot)
+    ex = sub.add_parser("export", help="a run's model as a compact safetensors file (values + indices)")
+    ex.add_argument("run_dir", help="run directory holding config.yaml and checkpoint.pt")
+    ex.add_argument("--out", required=True, help="output file, e.g. model.safetensors")
+    ex.set_defaults(func=_cmd_export)
     ls = sub.add_parser("list", help="registered methods, distributions, criteria, models, data sets")
     ls.set_defaults(func=_cmd_list)
     p.commands = sub.choices  # command name -> its parser, for parse_args

@@ -323,6 +323,10 @@ class SparseLinearParam:
     def reset_inactive_state(self, optimizer: torch.optim.Optimizer) -> None:
         """Nothing to do: inactive connections have no optimizer state."""
 
+    def squash(self, model: nn.Module) -> None:
+        """Replace the SparseLinear by an nn.Linear holding W densely (only where it fits)."""
+        _replace_module(model, self.fqn.rpartition(".")[0], self.module.to_dense_linear())
+
     def state_dict(self) -> dict:
         return {"active": self.active()}
 
