@@ -26,6 +26,7 @@ be shortened, to more epochs than it has trained.
 """
 from __future__ import annotations
 
+import inspect
 import platform
 import resource
 import time
@@ -46,6 +47,10 @@ from .results import (CorruptFileError, MetricsLog, atomic_torch_save, atomic_wr
 
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}  # train.dtype
+# DDP's switch for "do not re-send buffers at every forward": renamed in newer torch releases.
+_NO_FORWARD_BUFFER_SYNC = ({"forward_sync_buffers": False} if "forward_sync_buffers" in
+                           inspect.signature(DistributedDataParallel).parameters
+                           else {"broadcast_buffers": False})
 
 
 class Timer:
@@ -184,7 +189,11 @@ def _train(cfg: Config, run_dir: Path, resume: bool, progress: bool, device: tor
         sparsifier = build_sparsifier(cfg, model, spe)
     # Several processes: DistributedDataParallel averages the gradients; the Sparsifier (built
     # first, on every rank alike) reduces its growth signal and checks that topologies agree.
-    net = DistributedDataParallel(model) if world.distributed else model
+    # broadcast_buffers=False: DDP would otherwise re-send every buffer from rank 0 at each
+    # forward, SparseLinear's index buffers included (5 x nnz int64: ~100 MiB per step at
+    # 16384², density 0.01), although the topology check keeps them equal. Only rank 0's
+    # buffers (BatchNorm statistics) are ever evaluated or saved.
+    net = DistributedDataParallel(model, **_NO_FORWARD_BUFFER_SYNC) if world.distributed else model
     optimizer = build_optimizer(cfg, model, sparsifier)
     sparsifier.attach(optimizer)
     extra_loss = getattr(sparsifier, "loss", None)  # DST's sparsity regulariser
