@@ -187,3 +187,19 @@ def test_bad_arguments():
         SparsegrowCallback(method="dst")
     with pytest.raises(ValueError, match="fraction of the total"):
         SparsegrowCallback(end=75)
+
+
+def _load_example(name):
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "examples" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"example_{name}", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_example_runs(tmp_path, capsys):
+    report = _load_example("hf_trainer").main(["--steps", "30", "--every", "5", "--out", str(tmp_path)])
+    assert report["global_density"] == pytest.approx(0.1, abs=1e-3) and report["n_updates"] == 4
+    assert "ITOP" in capsys.readouterr().out

@@ -129,3 +129,15 @@ def test_bad_arguments(tmp_path):
         fit(tmp_path, callback_kw={"every": 100})
     with pytest.raises(TypeError, match="optimizer"):
         SparsegrowCallback(optimizer=None)
+
+
+def test_example_runs(tmp_path, capsys):
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "examples" / "lightning_trainer.py"
+    spec = importlib.util.spec_from_file_location("example_lightning_trainer", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    report = mod.main(["--steps", "30", "--every", "5", "--accumulate", "2", "--out", str(tmp_path)])
+    assert report["global_density"] == pytest.approx(0.1, abs=1e-3) and report["n_updates"] == 4
+    assert "ITOP" in capsys.readouterr().out

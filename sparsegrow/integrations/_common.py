@@ -80,4 +80,4 @@ def report_scalars(sparsifier: Sparsifier) -> dict[str, float]:
     rep = sparsifier.report()
     return {f"{PREFIX}density": float(rep["global_density"]), f"{PREFIX}itop": float(rep["itop"]),
             f"{PREFIX}n_updates": float(rep["n_updates"]),
-            f"{PREFIX}update_time_s": float(rep["update_time_s"])}
+            f"{PREFIX}total_update_time_s": float(rep["update_time_s"])}
