@@ -203,3 +203,22 @@ def test_example_runs(tmp_path, capsys):
     report = _load_example("hf_trainer").main(["--steps", "30", "--every", "5", "--out", str(tmp_path)])
     assert report["global_density"] == pytest.approx(0.1, abs=1e-3) and report["n_updates"] == 4
     assert "ITOP" in capsys.readouterr().out
+
+
+def test_moved_first_the_callback_reaches_reporters_before_it(tmp_path):
+    from transformers import TrainerCallback
+
+    class Reporter(TrainerCallback):  # stands for report_to's callbacks, which come before ours
+        seen = []
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            self.seen.append(dict(logs))
+
+    torch.manual_seed(0)
+    cb = SparsegrowCallback(**SPARSE, every=EVERY)
+    trainer = Trainer(model=TinyNet(), args=make_args(tmp_path), train_dataset=Blobs(),
+                      data_collator=default_data_collator, callbacks=[Reporter(), cb])
+    trainer.callback_handler.callbacks.insert(0, trainer.pop_callback(SparsegrowCallback))
+    trainer.train()
+    assert [int(s["sparsegrow/update_grown"] > 0) for s in Reporter.seen
+            if "sparsegrow/update_grown" in s] == [1, 1]
