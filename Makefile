@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ".[test,plot,search,data]" "$(TORCH)"
+	$(PY) -m pip install -q -e ".[test,plot,search,data,hf,lightning]" "$(TORCH)"
 	touch $@
 
 data: $(FMNIST)

@@ -258,6 +258,20 @@ class Sparsifier:
         self._arm(self.step_count + 1)
         return stats
 
+    def set_schedule(self, schedule: UpdateSchedule) -> None:
+        """Replace the update schedule, e.g. once a trainer knows its total number of steps.
+
+        Steps already taken keep their count; the new schedule decides from the next step on
+        (what growth reads is re-armed for it). A no-op for methods that never update.
+        """
+        if not self.dynamic:
+            return
+        if not isinstance(schedule, UpdateSchedule):
+            raise TypeError(f"schedule must be an UpdateSchedule, got {type(schedule).__name__}")
+        self.schedule = schedule
+        self._last_update = schedule.update_steps()[-1]
+        self._arm(self.step_count + 1)
+
     def _is_update(self, step: int) -> bool:
         return self.dynamic and self.schedule.is_update_step(step)
 
