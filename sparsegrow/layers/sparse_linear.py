@@ -186,13 +186,18 @@ class SparseLinear(nn.Module):
                     f"{int(short.sum())} of {n} output units would keep fewer than min_per_row="
                     f"{self.min_per_row} inputs (unit {j} keeps {int(per_row[j])}); raise the "
                     "density or lower min_per_row")
-        self.crow = torch.cat([per_row.new_zeros(1), torch.cumsum(per_row, 0)])
-        self.col = active - rows * m
+        col = active - rows * m
         # Column-major order of the same nnz: a stable sort by column keeps rows ascending.
-        self.perm = torch.sort(self.col, stable=True).indices
-        self.row_t = rows[self.perm]
-        per_col = torch.bincount(self.col, minlength=m)
-        self.ccol = torch.cat([per_col.new_zeros(1), torch.cumsum(per_col, 0)])
+        perm = torch.sort(col, stable=True).indices
+        per_col = torch.bincount(col, minlength=m)
+        new = {"crow": torch.cat([per_row.new_zeros(1), torch.cumsum(per_row, 0)]), "col": col,
+               "ccol": torch.cat([per_col.new_zeros(1), torch.cumsum(per_col, 0)]),
+               "perm": perm, "row_t": rows[perm]}
+        for name, value in new.items():
+            setattr(self, name, value)
+        # O(nnz) validation once per topology; the kernels then recognise these exact tensors
+        kernels.check_csr(self.crow, self.col, n, m, "SparseLinear")
+        kernels.check_csr(self.ccol, self.row_t, m, n, "SparseLinear (transposed)")
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # The topology in the checkpoint may differ in nnz: resize before the default copy,
@@ -208,6 +213,10 @@ class SparseLinear(nn.Module):
         if self.crow.numel() != self.out_features + 1 or self.col.numel() != self.values.numel():
             raise ValueError(f"{prefix}: checkpoint CSR does not fit a {self.out_features}x"
                              f"{self.in_features} layer with {self.values.numel()} values")
+        try:
+            kernels.check_csr(self.crow, self.col, self.out_features, self.in_features, "")
+        except ValueError as e:
+            raise ValueError(f"{prefix}: checkpoint CSR is invalid{e}") from None
         self._set_topology(self.active())
 
     # -- forward -----------------------------------------------------------------------------
