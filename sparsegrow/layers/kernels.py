@@ -26,6 +26,10 @@ ValueError naming it. O(1) checks (dtypes, devices, contiguity, sizes) run on ev
 O(n_rows + nnz) ones (ptr[0] == 0, ptr non-decreasing, ptr[-1] == nnz, 0 <= idx < n_cols) run
 once per version of the index tensors: a (ptr, idx) pair is remembered by identity (weakref) and
 `_version`, which every in-place write bumps, so a layer pays them once per topology update.
+
+torch.compile: spmm and sddmm are torch.library custom ops (`sparsegrow::spmm`,
+`sparsegrow::sddmm`) with fake implementations, so dynamo traces a SparseLinear into one graph
+and calls the kernels from it; the backend is read when the op runs, not when it is traced.
 """
 from __future__ import annotations
 
@@ -275,7 +279,7 @@ def _sddmm(ptr, idx, a, b):
 
 
 def _check_spmm(ptr, idx, val, xt, n_rows) -> None:
-    """The O(1) checks."""
+    """The O(1) checks, valid on fake tensors too (dynamo runs them while tracing)."""
     _check_floats("spmm", val=val, xt=xt)
     if val.dim() != 1 or val.numel() != idx.numel() or xt.dim() != 2:
         raise ValueError(f"spmm: val {tuple(val.shape)} must be (nnz,) = ({idx.numel()},) and "
@@ -293,19 +297,47 @@ def _check_sddmm(ptr, idx, a, b) -> None:
         raise ValueError(f"sddmm: indices are on {ptr.device} but a and b on {a.device}")
 
 
-def spmm(ptr: torch.Tensor, idx: torch.Tensor, val: torch.Tensor, xt: torch.Tensor,
-         n_rows: int) -> torch.Tensor:
-    """CSR (n_rows, xt.shape[0]) @ xt (n_cols, B) -> (n_rows, B), in xt's dtype."""
+@torch.library.custom_op("sparsegrow::spmm", mutates_args=())
+def _spmm_op(ptr: torch.Tensor, idx: torch.Tensor, val: torch.Tensor, xt: torch.Tensor,
+             n_rows: int) -> torch.Tensor:
     _check_spmm(ptr, idx, val, xt, n_rows)
     check_csr(ptr, idx, n_rows, xt.shape[0], "spmm")
     return _spmm(ptr, idx, val.contiguous(), xt.contiguous(), n_rows)
 
 
-def sddmm(ptr: torch.Tensor, idx: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """out[k] = <a[row_k], b[idx[k]]> for every nnz k; a (n_rows, B), b (n_cols, B) -> (nnz,)."""
+@_spmm_op.register_fake
+def _(ptr, idx, val, xt, n_rows):
+    _check_spmm(ptr, idx, val, xt, n_rows)
+    return xt.new_empty(n_rows, xt.shape[1])
+
+
+@torch.library.custom_op("sparsegrow::sddmm", mutates_args=())
+def _sddmm_op(ptr: torch.Tensor, idx: torch.Tensor, a: torch.Tensor,
+              b: torch.Tensor) -> torch.Tensor:
     _check_sddmm(ptr, idx, a, b)
     check_csr(ptr, idx, a.shape[0], b.shape[0], "sddmm")
-    return _sddmm(ptr, idx, a.contiguous(), b.contiguous())
+    # a custom op returns fresh tensors; the torch backend's is a view of a temporary's values
+    out = _sddmm(ptr, idx, a.contiguous(), b.contiguous())
+    return out if out._base is None else out.clone()
+
+
+@_sddmm_op.register_fake
+def _(ptr, idx, a, b):
+    _check_sddmm(ptr, idx, a, b)
+    return a.new_empty(idx.shape[0])
+
+
+def spmm(ptr: torch.Tensor, idx: torch.Tensor, val: torch.Tensor, xt: torch.Tensor,
+         n_rows: int) -> torch.Tensor:
+    """CSR (n_rows, xt.shape[0]) @ xt (n_cols, B) -> (n_rows, B), in xt's dtype.
+
+    Not differentiable by itself (SparseLinear's autograd.Function calls it in both passes)."""
+    return _spmm_op(ptr, idx, val, xt, n_rows)
+
+
+def sddmm(ptr: torch.Tensor, idx: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """out[k] = <a[row_k], b[idx[k]]> for every nnz k; a (n_rows, B), b (n_cols, B) -> (nnz,)."""
+    return _sddmm_op(ptr, idx, a, b)
 
 
 def searchsorted_sorted(seq: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:

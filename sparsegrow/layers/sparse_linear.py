@@ -194,7 +194,13 @@ class SparseLinear(nn.Module):
                "ccol": torch.cat([per_col.new_zeros(1), torch.cumsum(per_col, 0)]),
                "perm": perm, "row_t": rows[perm]}
         for name, value in new.items():
-            setattr(self, name, value)
+            buf = getattr(self, name)
+            if buf.shape == value.shape and not buf.is_inference():
+                # nnz is constant across updates: write in place, so the buffers keep their
+                # storage (compiled graphs and CUDA graphs hold them; no recompile, no re-record)
+                buf.copy_(value)
+            else:
+                setattr(self, name, value)
         # O(nnz) validation once per topology; the kernels then recognise these exact tensors
         kernels.check_csr(self.crow, self.col, n, m, "SparseLinear")
         kernels.check_csr(self.ccol, self.row_t, m, n, "SparseLinear (transposed)")
@@ -314,14 +320,18 @@ class SparseLinearParam:
         layer._set_topology(new_active)  # raises (changing nothing) if a row would get too short
         if optimizer is not None:
             optim_state.reindex(optimizer, param, keep_src, keep_dst, n_new)
+        grad = None
         if param.grad is not None:
             grad = param.grad.new_zeros(n_new)
             grad[keep_dst] = param.grad[keep_src]
+        if n_new == param.numel():  # every Sparsifier update: same storage, like the indices
+            param.copy_(new_values)
+            if grad is not None:
+                param.grad.copy_(grad)
+        else:
             param.grad = None
             param.data = new_values
             param.grad = grad
-        else:
-            param.data = new_values
 
     def scale_init_to_active_fan_in(self) -> None:
         self.module.scale_to_active_fan_in()
