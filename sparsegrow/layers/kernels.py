@@ -20,6 +20,9 @@ and `torch.sparse.sampled_addmm` (~30-40 ms), so it is the CPU default when a co
 "reference" (gather + index_add, O(nnz * B) memory) is the test oracle.
 Select one with `set_backend(name)` or the environment variable SPARSEGROW_KERNELS.
 
+Dtypes: the kernels compute in float32 or float64; bfloat16 and float16 inputs are widened to
+float32 inside (the sum over a row's nnz accumulates in float32) and the result is rounded back.
+
 Validation: C reads through raw pointers and the torch backend builds its CSR tensor with
 check_invariants=False, so every call first checks what it is given, and a bad index is a
 ValueError naming it. O(1) checks (dtypes, devices, contiguity, sizes) run on every call; the
@@ -67,6 +70,7 @@ def get_backend() -> str:
 # Input validation.
 
 _FLOATS = (torch.float32, torch.float64)  # what the kernels compute in
+_WIDEN = {torch.bfloat16: torch.float32, torch.float16: torch.float32}  # computed in float32
 _checked: dict[tuple[int, int], tuple] = {}  # (id(ptr), id(idx)) -> (ref, ref, stamp)
 
 
@@ -79,10 +83,10 @@ def _check_index(t: torch.Tensor, what: str, op: str) -> None:
 
 
 def _check_floats(op: str, **tensors: torch.Tensor) -> None:
-    """Same floating dtype and device for all; allowed: float32, float64."""
+    """Same floating dtype and device for all; allowed: float32/64, bfloat16, float16."""
     (n0, t0), *rest = tensors.items()
-    if t0.dtype not in _FLOATS:
-        raise ValueError(f"{op}: {n0} is {t0.dtype}; allowed: float32, float64")
+    if t0.dtype not in _FLOATS and t0.dtype not in _WIDEN:
+        raise ValueError(f"{op}: {n0} is {t0.dtype}; allowed: float32, float64, bfloat16, float16")
     for name, t in rest:
         if t.dtype != t0.dtype or t.device != t0.device:
             raise ValueError(f"{op}: {name} is {t.dtype} on {t.device} but {n0} is {t0.dtype} on "
@@ -302,6 +306,9 @@ def _spmm_op(ptr: torch.Tensor, idx: torch.Tensor, val: torch.Tensor, xt: torch.
              n_rows: int) -> torch.Tensor:
     _check_spmm(ptr, idx, val, xt, n_rows)
     check_csr(ptr, idx, n_rows, xt.shape[0], "spmm")
+    wide = _WIDEN.get(xt.dtype)
+    if wide is not None:  # bfloat16 / float16: accumulate in float32, round the result once
+        return _spmm(ptr, idx, val.to(wide), xt.to(wide).contiguous(), n_rows).to(xt.dtype)
     return _spmm(ptr, idx, val.contiguous(), xt.contiguous(), n_rows)
 
 
@@ -316,6 +323,9 @@ def _sddmm_op(ptr: torch.Tensor, idx: torch.Tensor, a: torch.Tensor,
               b: torch.Tensor) -> torch.Tensor:
     _check_sddmm(ptr, idx, a, b)
     check_csr(ptr, idx, a.shape[0], b.shape[0], "sddmm")
+    wide = _WIDEN.get(a.dtype)
+    if wide is not None:
+        return _sddmm(ptr, idx, a.to(wide).contiguous(), b.to(wide).contiguous()).to(a.dtype)
     # a custom op returns fresh tensors; the torch backend's is a view of a temporary's values
     out = _sddmm(ptr, idx, a.contiguous(), b.contiguous())
     return out if out._base is None else out.clone()
