@@ -90,7 +90,8 @@ cases = {
     "ptr decreasing": lambda: kernels.sddmm(torch.tensor([0, 3, 1, 4]), idx, a, xt),
     "ptr length": lambda: kernels.spmm(ptr, idx, val, xt, 5),
     "val length": lambda: kernels.spmm(ptr, idx, val[:3], xt, 3),
-    "idx strided": lambda: kernels.spmm(ptr, torch.tensor([0, 9, 3, 9, 1, 9, 2, 9])[::2], val, xt, 3),
+    "idx strided": lambda: kernels.spmm(ptr, torch.tensor([0, 9, 3, 9, 1, 9, 2, 9])[::2], val,
+                                        xt, 3),
     "dtype mix": lambda: kernels.spmm(ptr, idx, val.double(), xt, 3),
     "sddmm col >= n_cols": lambda: kernels.sddmm(ptr, torch.tensor([0, 3, 1, big]), a, xt),
     "sddmm a rows": lambda: kernels.sddmm(ptr, idx, torch.randn(7, 5), xt),
@@ -254,7 +255,8 @@ out = (torch.zeros(4, 3), torch.zeros(4, 18))
 bad = bucket.clone(); bad[7] = 1 << 40
 cases = {
     "bucket range": lambda: conv_sketch.conv_sketch_into(conv, (1, 1), x, dz, bad, sign, out),
-    "bucket length": lambda: conv_sketch.conv_sketch_into(conv, (1, 1), x, dz, bucket[:10], sign, out),
+    "bucket length": lambda: conv_sketch.conv_sketch_into(conv, (1, 1), x, dz, bucket[:10], sign,
+                                                          out),
     "out shape": lambda: conv_sketch.conv_sketch_into(conv, (1, 1), x, dz, bucket, sign,
                                                       (torch.zeros(4, 3), torch.zeros(4, 5))),
     "batch": lambda: conv_sketch.conv_sketch_into(conv, (1, 1), x[:1], dz, bucket, sign, out),
@@ -281,3 +283,17 @@ def test_conv_sketch_into_rejects_what_it_would_overrun():
     for name, pattern in expected.items():
         kind, _, msg = got[name].partition("|")
         assert kind == "ValueError" and re.search(pattern, msg), f"{name}: {got[name]}"
+
+
+def test_compiled_layer_validates_like_eager():
+    """Under torch.compile the kernels run through the custom ops: the same checks apply."""
+    from sparsegrow.layers import sparse_linear as sl
+
+    layer = sl.SparseLinear(8, 6, torch.tensor([0, 5, 9, 14, 22, 31, 40, 47]),
+                            generator=torch.Generator().manual_seed(0))
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    x = torch.randn(3, 8)
+    torch.testing.assert_close(compiled(x), layer(x))
+    layer.col[3] = 1 << 40
+    with pytest.raises(ValueError, match=r"column index 1099511627776 is out of range \[0, 8\)"):
+        compiled(x)

@@ -252,7 +252,8 @@ class SparseLinear(nn.Module):
         if out_dtype is None:
             raise ValueError(f"SparseLinear holds {w.dtype} weights on {w.device}, got input "
                              f"{x.dtype} on {x.device}; move the layer or the input "
-                             "(layer.to(...)), or mix float32/bfloat16/float16 under torch.autocast")
+                             "(layer.to(...)), or mix float32/bfloat16/float16 only under "
+                             "torch.autocast")
         # The kernels compute in float32 (float64 for float64 weights): bfloat16/float16 inputs
         # and weights are widened here (exactly), the bias is added in that precision too, and
         # the output is rounded once to out_dtype, as nn.Linear's addmm does. (Rounding before
