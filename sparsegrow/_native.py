@@ -5,9 +5,17 @@
 library with each function's argument and return types set from `signatures`, or None with a
 warning when no compiler is found or the build fails (the reason in `errors[name]`): every caller
 keeps a torch fallback.
+
+Processes that start together (DataLoader workers, one rank per core) share the cache: the build
+holds an exclusive `fcntl.flock` on `<name>_<digest>.lock` beside the library, so one process
+compiles while the others wait and then load its result, instead of each running the compiler.
+
+ctypes calls trust their pointers: a caller validates every tensor (dtype, device, contiguity,
+size, index range) before it passes `data_ptr()` here, so bad input is a ValueError, not a crash.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import os
@@ -18,8 +26,22 @@ import tempfile
 import warnings
 from pathlib import Path
 
+try:
+    import fcntl
+except ImportError:  # not POSIX: builds stay atomic (os.replace) but may run once per process
+    fcntl = None
+
 _libs: dict[str, ctypes.CDLL | None] = {}
 errors: dict[str, str] = {}
+
+
+@contextlib.contextmanager
+def _exclusive(lock_path: Path):
+    """Hold an exclusive inter-process lock on `lock_path` (created if missing)."""
+    with open(lock_path, "a") as f:
+        if fcntl is not None:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX)  # released when f is closed
+        yield
 
 
 def load(name: str, source: str, signatures: dict[str, tuple[list, object]]) -> ctypes.CDLL | None:
@@ -39,13 +61,9 @@ def load(name: str, source: str, signatures: dict[str, tuple[list, object]]) -> 
     try:
         if not lib_path.exists():
             cache.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(dir=cache) as tmp:
-                src = Path(tmp) / f"{name}.c"
-                src.write_text(source)
-                out = Path(tmp) / f"{name}.so"
-                subprocess.run([cc, "-O3", "-march=native", "-fopenmp", "-fPIC", "-shared",
-                                str(src), "-o", str(out)], check=True, capture_output=True)
-                os.replace(out, lib_path)  # atomic: concurrent builders do not clash
+            with _exclusive(cache / f"{name}_{digest}.lock"):
+                if not lib_path.exists():  # another process may have built it while we waited
+                    _build(cc, name, source, cache, lib_path)
         lib = ctypes.CDLL(str(lib_path))
         for fn, (argtypes, restype) in signatures.items():
             getattr(lib, fn).argtypes, getattr(lib, fn).restype = argtypes, restype
@@ -55,3 +73,13 @@ def load(name: str, source: str, signatures: dict[str, tuple[list, object]]) -> 
         errors[name] = f"{e} {err.decode(errors='replace')[-500:]}"
         warnings.warn(f"sparsegrow: C kernels {name!r} unavailable, using torch ({errors[name]})")
     return _libs[name]
+
+
+def _build(cc: str, name: str, source: str, cache: Path, lib_path: Path) -> None:
+    with tempfile.TemporaryDirectory(dir=cache) as tmp:
+        src = Path(tmp) / f"{name}.c"
+        src.write_text(source)
+        out = Path(tmp) / f"{name}.so"
+        subprocess.run([cc, "-O3", "-march=native", "-fopenmp", "-fPIC", "-shared",
+                        str(src), "-o", str(out)], check=True, capture_output=True)
+        os.replace(out, lib_path)  # atomic: a reader never sees a half-written library

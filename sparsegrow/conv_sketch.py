@@ -84,14 +84,30 @@ def conv_sketch_into(conv: nn.Conv2d, padding: tuple[int, int], x: torch.Tensor,
     Only where `conv_sketch_applies(x, dz)`."""
     if not conv_sketch_applies(x, dz) or sign.dtype != torch.float32 \
             or bucket.dtype != torch.int64 or any(o.dtype != torch.float32 or o.device.type != "cpu"
-                                                 or not o.is_contiguous() for o in out):
+                                                 or not o.is_contiguous() for o in out) \
+            or bucket.device.type != "cpu" or sign.device.type != "cpu":
         raise ValueError("conv_sketch_into takes CPU float32 x, dz, sign and out, int64 bucket")
-    lib = _lib()
-    x, dz = x.contiguous(), dz.contiguous()
-    bucket, sign = bucket.contiguous(), sign.contiguous()
+    if x.dim() != 4 or dz.dim() != 4 or x.shape[0] != dz.shape[0]:
+        raise ValueError(f"conv_sketch_into takes x (B, C, H, W) and dz (B, O, Ho, Wo), got "
+                         f"{tuple(x.shape)} and {tuple(dz.shape)}")
     B, C, H, W = x.shape
     _, O, Ho, Wo = dz.shape
     KH, KW = conv.kernel_size
+    s = out[0].shape[0]
+    if out[0].shape != (s, O) or out[1].shape != (s, C * KH * KW):
+        raise ValueError(f"conv_sketch_into: out must be (S_z ({s}, {O}), S_x ({s}, {C * KH * KW}))"
+                         f", got {tuple(out[0].shape)} and {tuple(out[1].shape)}")
+    if bucket.shape != (B * Ho * Wo,) or sign.shape != (B * Ho * Wo,):
+        raise ValueError(f"conv_sketch_into: bucket and sign need one entry per row (B*Ho*Wo = "
+                         f"{B * Ho * Wo},), got {tuple(bucket.shape)} and {tuple(sign.shape)}")
+    if bucket.numel():  # one O(B*Ho*Wo) pass; the kernel's own work is C*KH*KW times that
+        lo, hi = (int(v) for v in torch.aminmax(bucket))
+        if lo < 0 or hi >= s:
+            raise ValueError(f"conv_sketch_into: bucket indices must lie in [0, {s}), got "
+                             f"[{lo}, {hi}]")
+    lib = _lib()
+    x, dz = x.contiguous(), dz.contiguous()
+    bucket, sign = bucket.contiguous(), sign.contiguous()
     lib.sg_conv_sketch_f32(x.data_ptr(), dz.data_ptr(), bucket.data_ptr(), sign.data_ptr(),
                            B, C, H, W, O, Ho, Wo, KH, KW, *conv.stride, *padding, *conv.dilation,
                            out[1].data_ptr(), out[0].data_ptr())

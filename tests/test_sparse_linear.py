@@ -459,3 +459,139 @@ def test_searchsorted_sorted_matches_torch():
     q = torch.sort(torch.randint(-5, 10_005, (1000,), generator=gen)).values
     assert torch.equal(kernels.searchsorted_sorted(seq, q), torch.searchsorted(seq, q))
     assert kernels.searchsorted_sorted(seq, q[:0]).numel() == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.compile: one graph, no recompile across topology updates, same numbers as eager
+
+
+def test_compiled_model_trains_through_updates_without_recompiling():
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    runs = {}
+    for mode in ("eager", "compiled"):
+        model = mlp()
+        sp = sparsegrow.Sparsifier(model, density=0.1, method="set", storage="sparse", seed=0,
+                                   schedule=sparsegrow.UpdateSchedule(every=2, end=20))
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        sp.attach(optimizer)
+        # fullgraph: the kernels are custom ops with fake implementations, nothing breaks the graph
+        fwd = torch.compile(model, fullgraph=True) if mode == "compiled" else model
+        gen = torch.Generator().manual_seed(1)
+        losses, graphs, n_updates = [], [], 0
+        for _ in range(12):
+            x = torch.randn(16, 30, generator=gen, dtype=torch.float64)
+            loss = fwd(x).square().mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            n_updates += sp.step() is not None
+            losses.append(loss.item())
+            graphs.append(counters["stats"]["unique_graphs"])
+        runs[mode] = (model, sp, losses, graphs, n_updates)
+    (me, se, le, _, ue), (mc, sc, lc, gc, uc) = runs["eager"], runs["compiled"]
+    assert ue == uc == 6
+    assert gc == [1] * 12, f"graphs compiled after each step: {gc}"  # no recompile, ever
+    assert lc == pytest.approx(le, rel=1e-12)
+    for pe, pc in zip(se.params, sc.params):
+        assert torch.equal(pe.active(), pc.active())
+        torch.testing.assert_close(pe.param, pc.param, rtol=1e-12, atol=1e-12)
+
+
+def test_update_keeps_storage_and_stale_backward_raises():
+    """An update writes indices and values in place: their storage (what compiled and CUDA graphs
+    hold) stays, and a backward through a forward taken before the update refuses to run instead
+    of mixing the old topology with the new values."""
+    layer = random_csr(10, 12, 40, dtype=torch.float32)
+    p = sl.SparseLinearParam("w", layer)
+    ptrs = {n: getattr(layer, n).data_ptr() for n in ("values", "crow", "col", "ccol", "row_t", "perm")}
+    y = layer(torch.randn(4, 12, requires_grad=True)).sum()
+    a = p.active()
+    p.update(a[:5], sample_inactive(120, a, 5, torch.Generator().manual_seed(0)), torch.zeros(5))
+    assert {n: getattr(layer, n).data_ptr() for n in ptrs} == ptrs
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.backward()
+
+
+# ---------------------------------------------------------------------------------------------
+# bfloat16 / float16: weights, inputs and autocast
+
+# Unit roundoff u: bfloat16 keeps 8 significant bits (u = 2^-8), float16 11 (u = 2^-11). The
+# kernels accumulate in float32 and round once, so one layer is within u of float32 on the same
+# inputs; through three layers (inputs rounded at each) we allow 2u, norm-wise.
+UNIT_ROUNDOFF = {torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}
+
+
+def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((a.double() - ref.double()).norm() / ref.double().norm())
+
+
+@pytest.mark.parametrize("backend", backends(), indirect=True)
+@pytest.mark.parametrize("dtype", list(UNIT_ROUNDOFF))
+def test_kernels_take_low_precision(backend, dtype):
+    layer = random_csr(37, 53, 300, dtype=torch.float32)
+    val, xt, a = layer.values.detach().to(dtype), torch.randn(53, 9).to(dtype), torch.randn(37, 9).to(dtype)
+    u = UNIT_ROUNDOFF[dtype]
+    y = kernels.spmm(layer.crow, layer.col, val, xt, 37)
+    ref = kernels.spmm_reference(layer.crow, layer.col, val.float(), xt.float(), 37)
+    assert y.dtype == dtype
+    torch.testing.assert_close(y.float(), ref, rtol=u, atol=1e-6)  # one rounding of float32
+    s = kernels.sddmm(layer.crow, layer.col, a, xt)
+    assert s.dtype == dtype
+    torch.testing.assert_close(s.float(), kernels.sddmm_reference(layer.crow, layer.col, a.float(), xt.float()),
+                               rtol=u, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", list(UNIT_ROUNDOFF))
+def test_low_precision_weights_match_float32_masked_reference(dtype):
+    """A bf16/fp16 SparseLinear on bf16/fp16 input: the float32 masked nn.Linear on the same
+    (exactly representable) numbers, rounded once."""
+    torch.manual_seed(0)
+    lin = nn.Linear(40, 24).to(dtype).float()  # weights representable in `dtype`
+    active = random_active(24, 40, 200)
+    sp = sl.SparseLinear.from_dense(lin, active).to(dtype)
+    masked = copy.deepcopy(lin)
+    MaskedParam("weight", masked, "weight", active)
+    x = torch.randn(11, 40).to(dtype).requires_grad_()
+    x32 = x.detach().float().requires_grad_()
+    g = torch.randn(11, 24).to(dtype)
+    y, y32 = sp(x), masked(x32)
+    assert y.dtype == dtype
+    u = UNIT_ROUNDOFF[dtype]
+    torch.testing.assert_close(y.float(), y32, rtol=u, atol=1e-5)
+    y.backward(g)
+    y32.backward(g.float())
+    assert x.grad.dtype == sp.values.grad.dtype == dtype
+    torch.testing.assert_close(x.grad.float(), x32.grad, rtol=u, atol=1e-5)
+    torch.testing.assert_close(sp.values.grad.float(), masked.weight.grad.view(-1)[active], rtol=u, atol=1e-5)
+    torch.testing.assert_close(sp.bias.grad.float(), masked.bias.grad, rtol=u, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", list(UNIT_ROUNDOFF))
+def test_autocast_matches_float32_masked_reference(dtype):
+    """float32 SparseLinear layers under torch.autocast(device, dtype) return `dtype` like
+    nn.Linear does, and outputs and gradients stay within 2u of the float32 model. (Tanh, not
+    ReLU: a pre-activation within rounding of 0 flips ReLU's mask, an O(1) change per flip.)"""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(30, 40), nn.Tanh(), nn.Linear(40, 20), nn.Tanh(),
+                          nn.Linear(20, 5))
+    sparsegrow.sparsify(model, 0.3, method="static", storage="sparse")
+    ref = copy.deepcopy(model)
+    sl.to_masked(ref)
+    x, g = torch.randn(64, 30), torch.randn(64, 5)
+    y_ref = ref(x)
+    y_ref.backward(g)
+    with torch.autocast(x.device.type, dtype=dtype):
+        y = model(x)
+        assert model[0](x).dtype == ref[0](x).dtype == dtype  # what nn.Linear returns
+    assert y.dtype == dtype
+    y.float().backward(g)
+    tol = 2 * UNIT_ROUNDOFF[dtype]
+    assert rel_err(y, y_ref) <= tol
+    for name, layer in sl.sparse_layers(model).items():
+        dense = ref.get_submodule(name)
+        assert layer.values.grad.dtype == torch.float32
+        assert rel_err(layer.values.grad, dense.weight.grad.view(-1)[layer.active()]) <= tol, name
+        assert rel_err(layer.bias.grad, dense.bias.grad) <= tol, name

@@ -16,6 +16,15 @@ needed at the nnz only, dW[k] = sum_b dY[b, row_k] X[b, col_k] (SDDMM); see kern
 output is returned as the transpose of a contiguous (N, B) tensor, so the next sparse layer's
 X^T is free; it is a valid strided (B, N) tensor (use .reshape, not .view, on it).
 
+Dtypes: float32 and float64 weights compute in their own dtype; bfloat16/float16 weights and
+inputs, and float32 layers under `torch.autocast(device, dtype)`, compute in float32 (the kernels
+accumulate in float32) and return the low-precision dtype, as nn.Linear does under autocast.
+
+torch.compile: the kernels are custom ops with fake implementations (see kernels.py), so a model
+of SparseLinear layers compiles into one graph; topology updates keep nnz and write crow/col/
+ccol/row_t/perm, values and their gradient in place, so nothing the graph holds changes shape or
+storage and no update recompiles (tests/test_sparse_linear.py).
+
 Topology: `SparseLinearParam` is the `SparseParam` view the Sparsifier drives (active, values,
 update, enforce, state_dict); registered as STORAGES["sparse"]. On update, values and every
 per-nnz optimizer state tensor (SGD momentum, Adam moments) are re-indexed together: kept
@@ -39,6 +48,8 @@ from .. import optim_state
 from ..topology import MaskedParam, isin_sorted
 from ..updater import STORAGES
 from . import kernels
+
+_AUTOCAST = (torch.float32, torch.bfloat16, torch.float16)  # the dtypes autocast mixes
 
 
 class _SparseLinearFn(torch.autograd.Function):
@@ -186,13 +197,24 @@ class SparseLinear(nn.Module):
                     f"{int(short.sum())} of {n} output units would keep fewer than min_per_row="
                     f"{self.min_per_row} inputs (unit {j} keeps {int(per_row[j])}); raise the "
                     "density or lower min_per_row")
-        self.crow = torch.cat([per_row.new_zeros(1), torch.cumsum(per_row, 0)])
-        self.col = active - rows * m
+        col = active - rows * m
         # Column-major order of the same nnz: a stable sort by column keeps rows ascending.
-        self.perm = torch.sort(self.col, stable=True).indices
-        self.row_t = rows[self.perm]
-        per_col = torch.bincount(self.col, minlength=m)
-        self.ccol = torch.cat([per_col.new_zeros(1), torch.cumsum(per_col, 0)])
+        perm = torch.sort(col, stable=True).indices
+        per_col = torch.bincount(col, minlength=m)
+        new = {"crow": torch.cat([per_row.new_zeros(1), torch.cumsum(per_row, 0)]), "col": col,
+               "ccol": torch.cat([per_col.new_zeros(1), torch.cumsum(per_col, 0)]),
+               "perm": perm, "row_t": rows[perm]}
+        for name, value in new.items():
+            buf = getattr(self, name)
+            if buf.shape == value.shape and not buf.is_inference():
+                # nnz is constant across updates: write in place, so the buffers keep their
+                # storage (compiled graphs and CUDA graphs hold them; no recompile, no re-record)
+                buf.copy_(value)
+            else:
+                setattr(self, name, value)
+        # O(nnz) validation once per topology; the kernels then recognise these exact tensors
+        kernels.check_csr(self.crow, self.col, n, m, "SparseLinear")
+        kernels.check_csr(self.ccol, self.row_t, m, n, "SparseLinear (transposed)")
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # The topology in the checkpoint may differ in nnz: resize before the default copy,
@@ -208,6 +230,10 @@ class SparseLinear(nn.Module):
         if self.crow.numel() != self.out_features + 1 or self.col.numel() != self.values.numel():
             raise ValueError(f"{prefix}: checkpoint CSR does not fit a {self.out_features}x"
                              f"{self.in_features} layer with {self.values.numel()} values")
+        try:
+            kernels.check_csr(self.crow, self.col, self.out_features, self.in_features, "")
+        except ValueError as e:
+            raise ValueError(f"{prefix}: checkpoint CSR is invalid{e}") from None
         self._set_topology(self.active())
 
     # -- forward -----------------------------------------------------------------------------
@@ -215,15 +241,31 @@ class SparseLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 0 or x.shape[-1] != self.in_features:
             raise ValueError(f"SparseLinear expects (..., {self.in_features}) input, got {tuple(x.shape)}")
-        if x.dtype != self.values.dtype or x.device != self.values.device:
-            raise ValueError(f"SparseLinear holds {self.values.dtype} weights on "
-                             f"{self.values.device}, got input {x.dtype} on {x.device}; "
-                             "move the layer or the input (layer.to(...))")
+        w = self.values
+        dev = x.device.type
+        if x.device != w.device:
+            out_dtype = None
+        elif torch.is_autocast_enabled(dev) and x.dtype in _AUTOCAST and w.dtype in _AUTOCAST:
+            out_dtype = torch.get_autocast_dtype(dev)  # what nn.Linear returns under autocast
+        else:
+            out_dtype = w.dtype if x.dtype == w.dtype else None
+        if out_dtype is None:
+            raise ValueError(f"SparseLinear holds {w.dtype} weights on {w.device}, got input "
+                             f"{x.dtype} on {x.device}; move the layer or the input "
+                             "(layer.to(...)), or mix float32/bfloat16/float16 only under "
+                             "torch.autocast")
+        # The kernels compute in float32 (float64 for float64 weights): bfloat16/float16 inputs
+        # and weights are widened here (exactly), the bias is added in that precision too, and
+        # the output is rounded once to out_dtype, as nn.Linear's addmm does. (Rounding before
+        # the bias add would flip the sign of small pre-activations, and with it ReLU's mask.)
+        # The casts are autograd ops, so dX and dW come back in x's and the weights' dtypes.
+        compute = torch.float64 if w.dtype == torch.float64 else torch.float32
         lead = x.shape[:-1]
-        y = _SparseLinearFn.apply(x.reshape(-1, self.in_features), self.values, self.crow,
-                                  self.col, self.ccol, self.row_t, self.perm)
+        y = _SparseLinearFn.apply(x.reshape(-1, self.in_features).to(compute), w.to(compute),
+                                  self.crow, self.col, self.ccol, self.row_t, self.perm)
         if self.bias is not None:
-            y = y + self.bias
+            y = y + self.bias.to(compute)
+        y = y.to(out_dtype)  # (B, N), still the transpose of a contiguous (N, B)
         return y.reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:
@@ -305,14 +347,18 @@ class SparseLinearParam:
         layer._set_topology(new_active)  # raises (changing nothing) if a row would get too short
         if optimizer is not None:
             optim_state.reindex(optimizer, param, keep_src, keep_dst, n_new)
+        grad = None
         if param.grad is not None:
             grad = param.grad.new_zeros(n_new)
             grad[keep_dst] = param.grad[keep_src]
+        if n_new == param.numel():  # every Sparsifier update: same storage, like the indices
+            param.copy_(new_values)
+            if grad is not None:
+                param.grad.copy_(grad)
+        else:
             param.grad = None
             param.data = new_values
             param.grad = grad
-        else:
-            param.data = new_values
 
     def scale_init_to_active_fan_in(self) -> None:
         self.module.scale_to_active_fan_in()

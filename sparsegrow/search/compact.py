@@ -67,10 +67,19 @@ def compact_into(block: torch.Tensor, tau: float, use_abs: bool, r0: int, ld: in
 
     Entry (r, c) is written as flat index (r0 + r) * ld + c with its score. Returns the count
     written, or -(count needed) if it does not fit (then out_* beyond `offset` are garbage)."""
+    if block.dim() != 2 or out_idx.dim() != 1 or out_idx.dtype != torch.long \
+            or out_val.shape != out_idx.shape:
+        raise ValueError(f"compact_into takes a 2-D block and 1-D out_idx (int64) and out_val of "
+                         f"one length, got block {tuple(block.shape)}, out_idx {out_idx.dtype} "
+                         f"{tuple(out_idx.shape)}, out_val {tuple(out_val.shape)}")
+    if not 0 <= offset <= out_idx.numel():
+        raise ValueError(f"compact_into: offset {offset} is outside [0, {out_idx.numel()}]")
     rows, cols = block.shape
     cap = out_idx.numel() - offset
-    lib = _lib() if block.device.type == "cpu" and block.dtype == torch.float32 \
-        and block.is_contiguous() else None
+    # C writes int64 / float32 through raw pointers: only for tensors that are exactly that
+    lib = _lib() if all(t.device.type == "cpu" and t.is_contiguous() for t in
+                        (block, out_idx, out_val)) \
+        and block.dtype == out_val.dtype == torch.float32 else None
     if lib is not None:
         return lib.sg_compact_ge_f32(block.data_ptr(), rows, cols, float(tau), int(use_abs), r0,
                                      ld, out_idx[offset:].data_ptr(), out_val[offset:].data_ptr(),
