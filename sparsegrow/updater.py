@@ -379,10 +379,9 @@ class Sparsifier:
         return ((2 * u - 1) * bound).to(idx.device)
 
     def _scale_init_to_active_fan_in(self) -> None:
-        """Sparse-aware init: every storage scales its units by sqrt(fan_in / active fan_in)."""
+        """Sparse-aware init: every storage scales its units by sqrt(fan_in / active fan_in)
+        (a member of the SparseParam interface)."""
         for p in self.params:
-            if not hasattr(p, "scale_init_to_active_fan_in"):
-                raise ValueError(f"sparse_init scaling is not implemented for {type(p).__name__}")
             p.scale_init_to_active_fan_in()
 
     # -- reporting and state -----------------------------------------------------------------
