@@ -12,22 +12,37 @@ COLUMNS = ["model", "method", "density", "distribution", "ΔT", "α", "epochs", 
            "update time (s)", "test acc (%)"]
 
 
+def _spec(method: str):
+    """The registry entry of a run's method (a run of a method no longer registered: a plain one)."""
+    import sparsegrow
+    from sparsegrow.updater import Method
+
+    return sparsegrow.METHODS.get(method) if method in sparsegrow.METHODS else Method(None, None)
+
+
 def _row_key(run: dict) -> dict:
     """The columns that identify a group of runs (all but the seed)."""
     c, s = run["config"], run["summary"]
     sp = c["sparsity"]
     method = sp["method"]
-    dynamic = method not in ("dense", "static", "dst")
-    grow = sp.get("grow") or ("search" if method == "search" else None)
+    spec = _spec(method)
+    drop_grow = spec.make is None and (sp.get("grow") or spec.grow) is not None  # α applies
+    scheduled = spec.make is None and spec.updates  # ΔT applies
+    grow = sp.get("grow") or spec.grow
+    fan = "+cfi" if sp.get("fan_in") == "constant" and spec.fan_in != "constant" else ""
+    if spec.learned_density:  # α is the regulariser's weight here, not the update fraction
+        alpha = f"{c[spec.options][spec.name_by]:g} (L_S)"
+    else:
+        alpha = f"{sp['fraction']:g}" if drop_grow else "-"
     return OrderedDict([
         ("model", c["model"]["name"]),
-        ("method", method + (f"/{sp['grow']}" if sp.get("grow") else "")
-         + (_search_settings(c) if grow == "search" and dynamic else "")),
-        # DST's density is an outcome, not a setting: it is averaged in the table, not grouped on.
-        ("density", "learned" if method == "dst" else f"{s['density']:.4g}"),
-        ("distribution", sp["distribution"] if method not in ("dense", "dst") else "-"),
-        ("ΔT", str(sp["update_every"]) if dynamic else "-"),
-        ("α", f"{sp['fraction']:g}" if dynamic else (f"{c['dst']['alpha']:g} (L_S)" if method == "dst" else "-")),
+        ("method", method + fan + (f"/{sp['grow']}" if sp.get("grow") else "")
+         + (_search_settings(c) if grow == "search" and drop_grow else "")),
+        # a learned density is an outcome, not a setting: it is averaged in the table, not grouped on.
+        ("density", "learned" if spec.learned_density else f"{s['density']:.4g}"),
+        ("distribution", sp["distribution"] if not (spec.dense or spec.learned_density) else "-"),
+        ("ΔT", str(sp["update_every"]) if scheduled else "-"),
+        ("α", alpha),
         ("epochs", _epochs(c, s)),
     ])
 
