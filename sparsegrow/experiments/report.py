@@ -101,7 +101,26 @@ def group_runs(runs: list[dict], key=None) -> "OrderedDict[tuple, list[dict]]":
     return groups
 
 
-def grouped_table(runs: list[dict]) -> str:
+# two-sided 95% quantiles of Student's t by degrees of freedom (n - 1); 1.96 beyond the table
+_T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
+         9: 2.262, 10: 2.228, 15: 2.131, 20: 2.086, 30: 2.042}
+
+
+def ci95(values: list[float], scale: float = 1.0, digits: int = 2) -> str:
+    """"[lo, hi]": the 95% confidence interval of the mean, mean ± t(n-1) * s / sqrt(n) (seeds
+    as independent draws); "-" for one run."""
+    values = [v * scale for v in values]
+    n = len(values)
+    if n < 2:
+        return "-"
+    df = n - 1
+    t = _T975.get(df) or (_T975[max(k for k in _T975 if k <= df)] if df < 30 else 1.96)
+    m, h = statistics.mean(values), t * statistics.stdev(values) / n ** 0.5
+    return f"[{m - h:.{digits}f}, {m + h:.{digits}f}]"
+
+
+def grouped_table(runs: list[dict], ci: bool = False) -> str:
+    """One row per group of seeds; ci: add the 95% confidence interval of the mean accuracy."""
     rows = []
     for key, members in group_runs(runs).items():
         summ = [m["summary"] for m in members]
@@ -112,6 +131,7 @@ def grouped_table(runs: list[dict]) -> str:
             mean_std([s["train_time_s"] for s in summ], digits=1),
             mean_std([s["update_time_s"] for s in summ]),
             mean_std([s["test_acc"] for s in summ], scale=100),
+            *([ci95([s["test_acc"] for s in summ], scale=100)] if ci else []),
             str(len(members)),
         ])
-    return _markdown(COLUMNS + ["seeds"], rows)
+    return _markdown(COLUMNS + (["95% CI (%)"] if ci else []) + ["seeds"], rows)
