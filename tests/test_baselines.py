@@ -251,3 +251,10 @@ def test_unknown_method_in_a_config_lists_every_method():
     with pytest.raises(ConfigError) as err:
         load_config(None, ["sparsity.method=nope"])
     assert all(name in str(err.value) for name in sg.METHODS.names())
+
+
+def test_ci95_is_the_t_interval_of_the_mean():
+    from sparsegrow.experiments.report import ci95
+
+    assert ci95([1.0, 2.0, 3.0]) == "[-0.48, 4.48]"  # 2 ± 4.303 * 1 / sqrt(3)
+    assert ci95([0.5]) == "-"

@@ -155,7 +155,12 @@ def plot_layer_density(runs: list[dict], out: Path) -> None:
             im = ax.imshow(values, aspect="auto", cmap="viridis", interpolation="nearest",
                            extent=(epochs[0] - 0.5, epochs[-1] + 0.5, len(layers) - 0.5, -0.5))
             ax.set_yticks(range(len(layers)), layers, fontsize=6)
+            ax.set_xticks(epochs if len(epochs) <= 20 else epochs[::len(epochs) // 10])
             fig.colorbar(im, ax=ax, label="density")
+            if fixed:  # the values, which a one-colour band cannot show
+                for j, v in enumerate(values):
+                    ax.text(epochs[-1], j, f"{v[-1]:.3g}", ha="right", va="center", fontsize=5,
+                            color="w")
         else:
             for j, (layer, v) in enumerate(zip(layers, values)):
                 ax.plot(epochs, v, marker="o", markersize=3, color=f"C{j % 10}",
@@ -166,7 +171,8 @@ def plot_layer_density(runs: list[dict], out: Path) -> None:
             title += " — every layer's density held fixed (set by the distribution)"
         ax.set_title(title, fontsize=8)
         ax.set_ylabel("layer density" if len(layers) <= _HEATMAP_LAYERS else "layer")
-        ax.grid(alpha=0.3)
+        if len(layers) <= _HEATMAP_LAYERS:
+            ax.grid(alpha=0.3)
     axes[-1].set_xlabel("epoch")
     fig.tight_layout()
     fig.savefig(out, dpi=120, bbox_inches="tight")

@@ -241,7 +241,7 @@ def plot_acc_vs_k(runs: list[dict], out: Path) -> None:
         if sd:
             ax.axhspan(acc - sd, acc + sd, color="k", alpha=0.06)
     ax.set_xscale("log")
-    ax.set_xlabel("K (update fraction)")
+    ax.set_xlabel("K (the update fraction α)")
     ax.set_ylabel("test accuracy (%), mean ± std over seeds")
     save(fig, ax, out, legend_size=7)
 
