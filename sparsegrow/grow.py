@@ -129,6 +129,8 @@ class MomentumGrow(ScoreGrow):
     unmasked gradient instead, every step of the schedule's window and across updates.
     """
 
+    needs_signal = SignalSpec("dense_grad", accumulate=True, momentum=0.9)  # the default beta
+
     def __init__(self, beta: float = 0.9):
         if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0.0 < beta < 1.0:
             raise ValueError(f"momentum beta must be in (0, 1), got {beta!r}")
