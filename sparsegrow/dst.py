@@ -38,7 +38,7 @@ from torch import nn
 from . import optim_state
 from .layers.dst import DST_LAYERS, THRESHOLD_KINDS, DSTConv2d, DSTLinear
 from .metrics import density_report
-from .updater import select_params
+from .updater import METHODS, Method, select_params
 
 _DST_TYPES = (DSTLinear, DSTConv2d)
 
@@ -294,3 +294,9 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 def build_dst(model: nn.Module, **kwargs) -> DSTSparsifier:
     """Construct DST by name from a config: `method: dst` -> build_dst(model, **method_kwargs)."""
     return DSTSparsifier(model, **kwargs)
+
+
+METHODS.add("dst", Method(None, None, make=build_dst, options="dst", learned_density=True,
+                          name_by="alpha"),
+            "DST: learned per-unit thresholds, density an outcome of alpha * sum exp(-t) "
+            "(Liu 2020)")

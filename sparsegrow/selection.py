@@ -56,3 +56,24 @@ def select_top(scores: torch.Tensor, k: int, generator: torch.Generator) -> torc
     need = k - above.numel()
     pick = tied[randperm(tied.numel(), generator, tied.device)[:need]]
     return torch.sort(torch.cat([above, pick])).values
+
+
+def select_top_rows(scores: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
+    """Positions (rows, k) of the k largest entries in each row of `scores` (rows, m), each row
+    sorted ascending; ties broken uniformly at random with `generator` (constant fan-in).
+
+    -inf entries are never selected (a row with fewer than k finite entries is an error); a NaN
+    or +inf entry raises NonFiniteScores.
+    """
+    rows, m = scores.shape
+    if k == 0:
+        return torch.empty(rows, 0, dtype=torch.long, device=scores.device)
+    bad = torch.isnan(scores) | (scores == float("inf"))
+    if bool(bad.any()):
+        raise NonFiniteScores(f"{int(bad.sum())} of {scores.numel()} scores are NaN or +inf")
+    if bool((torch.isfinite(scores).sum(1) < k).any()):
+        raise ValueError(f"cannot select {k} entries per row: a row has fewer eligible")
+    # shuffle each row, then a stable sort by score: equal scores keep their random order
+    shuffle = torch.rand(rows, m, generator=generator).argsort(1).to(scores.device)  # (rows, m)
+    order = torch.sort(scores.gather(1, shuffle), dim=1, descending=True, stable=True).indices
+    return torch.sort(shuffle.gather(1, order[:, :k]), dim=1).values

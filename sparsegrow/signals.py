@@ -110,12 +110,16 @@ class SignalSpec:
     accumulate  sum the signal over every step of the window since the last update, not just
                 the update step's micro-batches
     seed        seeds the sketch's buckets and signs
+    momentum    beta in [0, 1) ("dense_grad" with accumulate only): 0 sums the window's steps;
+                beta > 0 keeps the exponential moving average m <- beta * m + g_t over every
+                step read, kept across updates (SNFS's momentum of the dense gradient)
     """
 
     kind: str
     sketch_dim: int = 0
     accumulate: bool = False
     seed: int = 0
+    momentum: float = 0.0
 
     def __post_init__(self):
         if self.kind not in ("dense_grad", "rows"):
@@ -123,6 +127,11 @@ class SignalSpec:
         if self.kind == "dense_grad" and self.sketch_dim:
             raise ValueError("sketch_dim applies to the rows signal (search grow), not to the "
                              "dense gradient")
+        if not 0.0 <= self.momentum < 1.0:
+            raise ValueError(f"signal momentum must be in [0, 1), got {self.momentum!r}")
+        if self.momentum and (self.kind != "dense_grad" or not self.accumulate):
+            raise ValueError("signal momentum averages the dense gradient over every step: it "
+                             "needs kind='dense_grad' and accumulate=True")
 
 
 @dataclass
@@ -287,15 +296,25 @@ class DenseGradSignal:
     """Σ of the dense weight gradients seen while armed (micro-batches and window steps).
 
     Reads the gradient through the storage's `DenseGradSource` hook, before the mask is applied.
+    momentum > 0: `sum` holds the step in progress only; at the end of each step it is folded
+    into the moving average `ema` <- momentum * ema + sum, which `take()` hands over (a copy)
+    without resetting.
     """
 
-    def __init__(self, param: DenseGradSource, accumulate: bool):
-        self.fqn, self.accumulate = param.fqn, accumulate
+    def __init__(self, param: DenseGradSource, accumulate: bool, momentum: float = 0.0):
+        self.fqn, self.accumulate, self.momentum = param.fqn, accumulate, momentum
         self.armed = False
         self.sum: torch.Tensor | None = None  # (*weight shape)
+        self.ema: torch.Tensor | None = None  # (*weight shape), momentum > 0 only
         self.steps, self._captured, self.time_s = 0, False, 0.0
         self._param = param
         param.observe_grad(self._on_grad)
+
+    def _fold(self) -> None:
+        """momentum > 0: the finished step's gradient (all its micro-batches) into the average."""
+        if self.momentum and self.sum is not None:
+            self.ema = self.sum if self.ema is None else self.ema.mul_(self.momentum).add_(self.sum)
+            self.sum = None
 
     def remove(self) -> None:
         self._param.observe_grad(None)
@@ -304,6 +323,7 @@ class DenseGradSignal:
         if self._captured:
             self.steps += 1
             self._captured = False
+            self._fold()
         if not on and not self.accumulate:
             self.reset()
         self.armed = on
@@ -326,15 +346,21 @@ class DenseGradSignal:
         s = self.sum
         self.steps += int(self._captured)
         self.last_steps, self.last_time_s = self.steps, self.time_s
+        if self.momentum:
+            self._captured = False
+            self._fold()
+            s = None if self.ema is None else self.ema.clone()  # reduced in place across ranks
         self.reset()
         return s
 
     def state_dict(self) -> dict:
-        return {"sum": self.sum, "steps": self.steps + int(self._captured), "time_s": self.time_s}
+        return {"sum": self.sum, "steps": self.steps + int(self._captured), "time_s": self.time_s,
+                "ema": self.ema}
 
     def load_state_dict(self, state: dict) -> None:
         self.reset()
         self.sum = state["sum"]
+        self.ema = state.get("ema")
         self.steps, self.time_s = int(state["steps"]), float(state["time_s"])
 
 
@@ -360,7 +386,7 @@ class GrowSignals:
                     raise ValueError(
                         f"the grow criterion needs the dense gradient, which {type(p).__name__} "
                         f"({p.fqn}) never forms; use masked storage or grow='search'")
-                self.layers[p.fqn] = DenseGradSignal(p, spec.accumulate)
+                self.layers[p.fqn] = DenseGradSignal(p, spec.accumulate, spec.momentum)
             else:
                 seed = spec.seed * 1_000_003 + k + self.dist.rank * 1_000_000_007
                 self.layers[p.fqn] = LayerSignal(p.module, p.shape, p.fqn, spec.sketch_dim,

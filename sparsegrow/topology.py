@@ -251,3 +251,25 @@ def sample_inactive(numel: int, excluded: torch.Tensor, k: int, generator: torch
             cand = torch.unique(torch.cat([cand, new]))
     pick = cand[torch.randperm(cand.numel(), generator=generator)[:k]]
     return torch.sort(pick).values.to(device)
+
+
+def sample_rows(rows: int, fan: int, k: int, generator: torch.Generator, device=None,
+                excluded: torch.Tensor | None = None) -> torch.Tensor:
+    """k distinct flat indices in each row of a (rows, fan) layout, none in the sorted `excluded`,
+    uniformly at random per row (constant fan-in). Returns rows * k sorted flat indices.
+
+    Draws one uniform key per entry (O(rows * fan), the size of a masked layer) and keeps each
+    row's k smallest keys among its eligible entries.
+    """
+    if k == 0:
+        return torch.empty(0, dtype=torch.long, device=device)
+    keys = torch.rand(rows, fan, generator=generator)  # (rows, fan), on the CPU generator
+    if excluded is not None and excluded.numel():
+        keys.view(-1)[excluded.cpu()] = 2.0  # above every key: never among the k smallest
+        room = fan - torch.bincount(excluded.cpu() // fan, minlength=rows)
+        if bool((room < k).any()):
+            raise ValueError(f"cannot grow {k} connections per row: a row has only "
+                             f"{int(room.min())} inactive")
+    cols = keys.topk(k, dim=1, largest=False).indices  # (rows, k)
+    flat = (cols + fan * torch.arange(rows)[:, None]).reshape(-1)
+    return torch.sort(flat).values.to(device if device is not None else "cpu")

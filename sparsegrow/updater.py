@@ -45,15 +45,43 @@ from .registry import Registry
 from .schedules import UpdateSchedule
 from .selection import NonFiniteScores
 from .signals import GrowSignals
-from .topology import MaskedParam, SparseParam, isin_sorted, sample_inactive
+from .topology import MaskedParam, SparseParam, isin_sorted, sample_inactive, sample_rows
 
 
 @dataclass(frozen=True)
 class Method:
-    drop: str | None  # None: the topology never changes
-    grow: str | None
-    dense: bool = False  # density forced to 1
+    """A method of the one registry that `sparsegrow list`, configs and the contract tests read.
 
+    drop, grow     criteria names (DROP, GROW); both None: the topology never changes
+    dense          density forced to 1
+    prune          start dense and prune toward the density by GMP's cubic schedule (Zhu & Gupta
+                   2017), never growing: `drop` only, on the update steps of the schedule
+    fan_in         "free" (default): a layer's connections lie anywhere; "constant": every output
+                   unit keeps the same number of inputs, at init and after every update (SRigL)
+    make           None: built by `Sparsifier`; else the constructor of a sparsifier of its own
+                   kind, make(model, include=, seed=, **options) (DST learns its masks)
+    options        the config section holding `make`'s keyword arguments (e.g. "dst")
+    learned_density  the density is an outcome of training, not a setting; `name_by` is the option
+                   that names its runs instead (e.g. "alpha": "...-dst-alpha0.0005-s0")
+    """
+
+    drop: str | None
+    grow: str | None
+    dense: bool = False
+    prune: bool = False
+    fan_in: str = "free"
+    make: Callable | None = None
+    options: str | None = None
+    learned_density: bool = False
+    name_by: str | None = None
+
+    @property
+    def updates(self) -> bool:
+        """Whether the topology changes during training (what a schedule or a report's ΔT is for)."""
+        return self.make is not None or self.prune or (self.drop is not None and self.grow is not None)
+
+
+FAN_INS = ("free", "constant")
 
 METHODS: Registry[Method] = Registry("method")
 METHODS.add("dense", Method(None, None, dense=True), "dense training (density 1, same harness)")
@@ -61,6 +89,15 @@ METHODS.add("static", Method(None, None), "static sparse: a random pattern that 
 METHODS.add("set", Method("magnitude", "random"), "SET: magnitude drop, random grow (Mocanu 2018)")
 METHODS.add("rigl", Method("magnitude", "gradient"),
             "RigL: magnitude drop, dense-gradient grow (Evci 2020)")
+METHODS.add("gmp", Method("magnitude", None, prune=True),
+            "gradual magnitude pruning: dense start, cubic schedule to the density, no regrowth "
+            "(Zhu & Gupta 2017)")
+METHODS.add("snfs", Method("magnitude", "momentum"),
+            "SNFS: magnitude drop, grow by |momentum of the dense gradient| (Dettmers 2019; "
+            "no layer redistribution)")
+METHODS.add("srigl", Method("magnitude", "gradient", fan_in="constant"),
+            "RigL with constant fan-in: drop and grow per output unit (Lasby 2024; no neuron "
+            "ablation)")
 
 STORAGES: Registry[Callable[..., SparseParam]] = Registry("storage")
 STORAGES.add(
@@ -127,12 +164,16 @@ class Sparsifier:
         grow_init: str = "zero",
         sparse_init: bool = False,
         storage: str = "masked",
+        fan_in: str | None = None,
         seed: int = 0,
         optimizer: torch.optim.Optimizer | None = None,
         process_group=None,
         distributed: bool = True,
     ):
         spec = METHODS.get(method)
+        if spec.make is not None:
+            raise ValueError(f"method {method!r} is not built by Sparsifier: use "
+                             f"{spec.make.__module__}.{spec.make.__qualname__}(model, ...)")
         _check_wrapping(model, storage)
         if spec.dense:
             density = 1.0
@@ -144,17 +185,31 @@ class Sparsifier:
         self.density = float(density)
         drop = drop if drop is not None else spec.drop
         grow = grow if grow is not None else spec.grow
-        self.dynamic = drop is not None and grow is not None
-        if (drop is None) != (grow is None):
+        # GMP: start dense, prune by the cubic schedule (see `target_counts`), never grow
+        self.prune = spec.prune
+        self.fan_in = fan_in if fan_in is not None else spec.fan_in
+        if self.fan_in not in FAN_INS:
+            raise ValueError(f"unknown fan_in {self.fan_in!r}; allowed: {', '.join(FAN_INS)}")
+        if self.prune and (grow is not None or drop is None):
+            raise ValueError(f"method {method!r} prunes without growing: it takes a drop "
+                             f"criterion and no grow criterion, got drop={drop!r}, grow={grow!r}")
+        if self.prune and self.fan_in == "constant":
+            raise ValueError(f"method {method!r} prunes by magnitude over whole layers; "
+                             "fan_in='constant' applies to drop-and-grow methods")
+        self.dynamic = drop is not None and (grow is not None or self.prune)
+        if not self.prune and (drop is None) != (grow is None):
             raise ValueError(f"method {method!r} needs both drop and grow, got drop={drop!r}, grow={grow!r}")
         if self.dynamic and schedule is None:
             raise ValueError(f"method {method!r} updates the topology: pass schedule=UpdateSchedule(...)")
         self.schedule = schedule if self.dynamic else None
         self.drop = DROP.get(drop)() if self.dynamic else None
-        self.grow = GROW.get(grow)(**(grow_kwargs or {})) if self.dynamic else None
+        self.grow = GROW.get(grow)(**(grow_kwargs or {})) if self.dynamic and grow else None
         if self.grow is not None and not isinstance(self.grow, GrowCriterion):
             raise ValueError(f"grow criterion {grow!r} is a {type(self.grow).__name__}, not a "
                              "sparsegrow.grow.GrowCriterion (needs_signal, select)")
+        if self.fan_in == "constant" and self.grow is not None and not self.grow.per_row:
+            raise ValueError(f"fan_in='constant' needs a grow criterion that chooses per output "
+                             f"unit; {grow!r} does not (per_row: random, gradient, momentum)")
         self.allow_regrow = allow_regrow
         self.grow_init = grow_init
         self.optimizer: torch.optim.Optimizer | None = None
@@ -186,6 +241,11 @@ class Sparsifier:
         counts = distributions.layer_counts(
             shapes, self.density, distribution, dense_mask=[c[0] in dense_set for c in chosen]
         )
+        if self.fan_in == "constant":  # n_out x k per layer, k = round(count / n_out) in [1, fan-in]
+            counts = [s[0] * min(max(1, round(c / s[0])), math.prod(s[1:]))
+                      for s, c in zip(shapes, counts)]
+        # the active count each parameter ends with (GMP reaches it at its last pruning step)
+        self._final_counts = counts
         make = STORAGES.get(storage)
         self.params: list[SparseParam] = []
         for (fqn, module, p_name), shape, count in zip(chosen, shapes, counts):
@@ -193,8 +253,14 @@ class Sparsifier:
             device = getattr(module, p_name).device
             if device.type == "meta":  # a model built on the meta device (truly sparse storage)
                 device = torch.device("cpu")
-            active = sample_inactive(numel, torch.empty(0, dtype=torch.long), count,
+            if self.prune and fqn not in self.fixed:
+                active = torch.arange(numel, device=device)  # GMP starts dense
+            elif self.fan_in == "constant":
+                active = sample_rows(shape[0], numel // shape[0], count // shape[0],
                                      self.generator, device)
+            else:
+                active = sample_inactive(numel, torch.empty(0, dtype=torch.long), count,
+                                         self.generator, device)
             self.params.append(make(model, fqn, module, p_name, active))
         if sparse_init:
             self._scale_init_to_active_fan_in()
@@ -206,7 +272,7 @@ class Sparsifier:
         self.n_updates = 0
         self.dist.check_topology(self.params, "at construction")
         # what growth reads (dense gradient or layer rows), captured, summed and reduced here
-        need = self.grow.needs_signal if self.dynamic else None
+        need = self.grow.needs_signal if self.grow is not None else None
         self.signals = GrowSignals(need, self.updated, self.dist) if need is not None else None
         self._last_update = self.schedule.update_steps()[-1] if self.dynamic else 0
         self._arm(1)
@@ -302,6 +368,31 @@ class Sparsifier:
 
     remove = squash
 
+    def target_counts(self, step: int | None = None) -> list[int]:
+        """Active weights per sparse parameter (model order) after `step` optimizer steps
+        (default: now). Constant for every method but GMP, whose count between its dense start
+        n and its final count c follows Zhu & Gupta's cubic schedule, set at each pruning step t:
+
+            count(t) = round(c + (n - c) * (1 - (t - t0) / (t_last - t0))^3)
+
+        with t0 = schedule.start and t_last the last update step, so the density is exact from
+        the last pruning step on."""
+        step = self.step_count if step is None else step
+        if not self.prune:
+            return list(self._final_counts)
+        s = self.schedule
+        done = [u for u in s.update_steps() if u <= step]  # pruning steps taken so far
+        out = []
+        for p, final in zip(self.params, self._final_counts):
+            if p.fqn in self.fixed:
+                out.append(final)
+            elif not done:
+                out.append(p.numel)
+            else:
+                progress = (done[-1] - s.start) / (self._last_update - s.start)
+                out.append(int(round(final + (p.numel - final) * (1 - progress) ** 3)))
+        return out
+
     # -- the update --------------------------------------------------------------------------
 
     @torch.no_grad()
@@ -311,12 +402,22 @@ class Sparsifier:
         # every layer's signal, summed over micro-batches, window steps and ranks (a collective)
         signals = self.signals.collect() if self.signals is not None else {}
         layers = {}
+        targets = dict(zip((p.fqn for p in self.params), self.target_counts(step)))
         for p in self.updated:
             active = p.active()  # (nnz,) sorted
             nnz = active.numel()
-            n = int(round(fraction * nnz))
-            if not self.allow_regrow:
-                n = min(n, p.numel - nnz)
+            if self.prune:  # GMP: drop down to the scheduled count, grow nothing
+                n = nnz - targets[p.fqn]
+            elif self.fan_in == "constant":  # the same n_row in each of the n_out rows
+                rows = p.shape[0]
+                n_row = int(round(fraction * nnz / rows))
+                if not self.allow_regrow:
+                    n_row = min(n_row, (p.numel - nnz) // rows)
+                n = n_row * rows
+            else:
+                n = int(round(fraction * nnz))
+                if not self.allow_regrow:
+                    n = min(n, p.numel - nnz)
             if n == 0:
                 layers[p.fqn] = {"dropped": 0, "grown": 0, "regrown": 0, "nnz": nnz,
                                  "skipped_nonfinite": False}
@@ -324,12 +425,24 @@ class Sparsifier:
             sig = signals.get(p.fqn)
             ctx = GrowContext(p, active, step, sig)  # excluded: set after the drop
             try:
-                drop_pos = self.drop.select(p.values(active), n, self.generator)
+                if self.fan_in == "constant":
+                    # active is sorted and every row holds nnz / rows of it: a (rows, k) view
+                    k = nnz // rows
+                    pos = self.drop.select_rows(p.values(active).view(rows, k), n_row,
+                                                self.generator)  # (rows, n_row)
+                    drop_pos = (pos + k * torch.arange(rows, device=pos.device)[:, None]).reshape(-1)
+                else:
+                    drop_pos = self.drop.select(p.values(active), n, self.generator)
                 drop_idx = active[drop_pos]
                 kept = torch.ones(nnz, dtype=torch.bool, device=active.device)
                 kept[drop_pos] = False
                 ctx.excluded = active[kept] if self.allow_regrow else active
-                grow_idx = self.grow.select(ctx, n, self.generator)
+                if self.prune:
+                    grow_idx = torch.empty(0, dtype=torch.long, device=active.device)
+                elif self.fan_in == "constant":
+                    grow_idx = self.grow.select_rows(ctx, n_row, self.generator)
+                else:
+                    grow_idx = self.grow.select(ctx, n, self.generator)
             except NonFiniteScores as e:
                 # NaN/inf weights or gradients: no meaningful choice, and a short selection
                 # would change the layer's density. Keep its topology until they are finite
@@ -339,15 +452,16 @@ class Sparsifier:
                 layers[p.fqn] = {"dropped": 0, "grown": 0, "regrown": 0, "nnz": nnz,
                                  "skipped_nonfinite": True}
                 continue
-            if grow_idx.numel() != n:  # a criterion's bug; silently it would drift the density
+            n_grow = 0 if self.prune else n
+            if grow_idx.numel() != n_grow:  # a criterion's bug; silently it would drift the density
                 raise RuntimeError(f"{p.fqn}: the grow criterion returned {grow_idx.numel()} "
-                                   f"connections, not {n}")
+                                   f"connections, not {n_grow}")
             regrown = isin_sorted(grow_idx, drop_idx)
             net_grow = grow_idx[~regrown]
             net_drop = drop_idx[~isin_sorted(drop_idx, grow_idx)]
             p.update(net_drop, net_grow, self._initial_values(p, net_grow), self.optimizer)
             self.ever_active[p.fqn] = union_sorted(self.ever_active[p.fqn], net_grow)
-            layers[p.fqn] = {"dropped": n, "grown": n, "regrown": int(regrown.sum()),
+            layers[p.fqn] = {"dropped": n, "grown": n_grow, "regrown": int(regrown.sum()),
                              "nnz": p.nnz(), "skipped_nonfinite": False}
             if sig is not None:  # steps summed; time in this rank's capture hooks
                 layers[p.fqn].update(signal_steps=sig.steps, signal_time_s=sig.time_s)

@@ -77,16 +77,25 @@ def test_bad_sweep_is_a_clear_error(tmp_path):
 
 
 @needs_fmnist
-def test_plots_render_from_runs(tmp_path):
+def test_plots_render_from_runs(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     from sparsegrow.experiments.cli import main
 
     spec = _write_sweep(tmp_path)
     sweep.run_sweep(spec, progress=False)
-    for kind in ("density", "accuracy", "density-acc", "time"):
+    for kind in ("density", "loss", "accuracy", "itop", "layer-density", "churn", "density-acc",
+                 "time"):
         out = tmp_path / f"{kind}.png"
         assert main(["plot", kind, str(tmp_path / "out"), "--out", str(out)]) == 0
         assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 5000
+    # plots of what the runs never logged: one line on stderr, exit code 2, no file
+    for kind, what in (("recall", "recall"), ("churn", "topology update")):
+        runs = tmp_path / "out" / ("static" if kind == "churn" else "")
+        out = tmp_path / f"missing-{kind}.png"
+        capsys.readouterr()
+        assert main(["plot", kind, str(runs), "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert what in err and err.count("\n") == 1 and not out.exists()
 
 
 def test_rows_option_runs_only_the_named_rows(tmp_path, capsys):

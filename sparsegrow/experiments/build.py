@@ -43,19 +43,23 @@ def resolve_schedule(cfg: Config, steps_per_epoch: int, total_steps: int) -> Upd
 
 
 def build_sparsifier(cfg: Config, model: nn.Module, steps_per_epoch: int):
+    """The method's sparsifier, through the METHODS registry alone: a method with its own
+    constructor (`Method.make`, e.g. DST) gets its config section (`Method.options`) as keyword
+    arguments; every other method is a `Sparsifier`."""
     s = cfg.sparsity
     total_steps = steps_per_epoch * cfg.train.epochs
-    if s.method == "dst":
+    try:
+        spec = METHODS.get(s.method)
+    except ValueError as e:
+        raise ConfigError(f"sparsity.method: {e}") from None
+    if spec.make is not None:
         if s.fixed:
-            raise ConfigError(f"sparsity.fixed={s.fixed!r} does not apply to method 'dst' (its masks "
-                              "come from learned thresholds, not topology updates); leave it empty")
-        from sparsegrow.dst import build_dst
-
-        return build_dst(model, alpha=cfg.dst.alpha, threshold=cfg.dst.threshold,
-                         include=s.include, seed=cfg.seed)
-    spec = METHODS.get(s.method)
+            raise ConfigError(f"sparsity.fixed={s.fixed!r} does not apply to method {s.method!r} "
+                              "(its masks are not set by topology updates); leave it empty")
+        options = vars(getattr(cfg, spec.options)) if spec.options else {}
+        return spec.make(model, include=s.include, seed=cfg.seed, **options)
     grow = s.grow or spec.grow
-    dynamic = (s.drop or spec.drop) is not None and grow is not None
+    dynamic = (s.drop or spec.drop) is not None and (grow is not None or spec.prune)
     grow_kwargs = None
     if grow == "search":
         grow_kwargs = {**vars(cfg.search), **vars(cfg.signal)}
@@ -64,7 +68,8 @@ def build_sparsifier(cfg: Config, model: nn.Module, steps_per_epoch: int):
         schedule=resolve_schedule(cfg, steps_per_epoch, total_steps) if dynamic else None,
         distribution=s.distribution, drop=s.drop, grow=s.grow, grow_kwargs=grow_kwargs,
         include=s.include, dense_layers=s.dense_layers, fixed=s.fixed, allow_regrow=s.allow_regrow,
-        grow_init=s.grow_init, sparse_init=s.sparse_init, storage=s.storage, seed=cfg.seed,
+        grow_init=s.grow_init, sparse_init=s.sparse_init, storage=s.storage, fan_in=s.fan_in,
+        seed=cfg.seed,
     )
 
 

@@ -4,8 +4,8 @@
     sparsegrow train --resume --run-dir DIR [key=value ...]      (the run's config.yaml)
     sparsegrow train CONFIG --nproc N ...    (= torchrun --nproc_per_node N -m sparsegrow train ...)
     sparsegrow sweep SWEEP [key=value ...] [--smoke] [--dry-run]
-    sparsegrow report RUNS... [--per-run | --thesis] [--out FILE]
-    sparsegrow plot {density,accuracy,density-acc,time,acc-vs-k,recall} RUNS... --out FILE.png
+    sparsegrow report RUNS... [--per-run | --thesis | --ci] [--out FILE]
+    sparsegrow plot KIND RUNS... --out FILE.png   (KIND: `sparsegrow plot --help`)
     sparsegrow export RUN_DIR --out FILE
     sparsegrow list
 """
@@ -84,7 +84,7 @@ def _cmd_report(args) -> int:
 
         text = thesis_report(runs)
     else:
-        text = runs_table(runs) if args.per_run else grouped_table(runs)
+        text = runs_table(runs) if args.per_run else grouped_table(runs, ci=args.ci)
     if args.out:
         Path(args.out).write_text(text)
     print(text, end="")
@@ -161,10 +161,14 @@ def make_parser() -> argparse.ArgumentParser:
     r.add_argument("runs", nargs="+", help="run directories or folders holding runs")
     r.add_argument("--per-run", action="store_true", help="one row per run instead of mean ± std over seeds")
     r.add_argument("--thesis", action="store_true", help="the thesis's table columns (docs/thesis.md)")
+    r.add_argument("--ci", action="store_true",
+                   help="add the 95%% confidence interval of the mean test accuracy (t over seeds)")
     r.add_argument("--out", help="also write the table to this file")
     r.set_defaults(func=_cmd_report)
     pl = sub.add_parser("plot", help="plot finished runs to a PNG")
-    pl.add_argument("kind", choices=["density", "accuracy", "density-acc", "time", "acc-vs-k", "recall"])
+    pl.add_argument("kind", choices=["density", "loss", "accuracy", "itop", "layer-density", "churn",
+                                     "density-acc", "time", "acc-vs-k", "recall"],
+                    help="what to draw (experiments/plots.py and thesis.py say what each shows)")
     pl.add_argument("runs", nargs="+", help="run directories or folders holding runs")
     pl.add_argument("--out", required=True, help="output PNG")
     pl.set_defaults(func=_cmd_plot)

@@ -53,7 +53,7 @@ class TrainConfig:
 
 @dataclass
 class SparsityConfig:
-    method: str = "rigl"  # dense | static | set | rigl | search | dst
+    method: str = "rigl"  # a name of sparsegrow.METHODS (`sparsegrow list`)
     density: float = 0.1  # fraction of connections kept, over all sparse layers
     distribution: str = "erk"  # uniform | erdos_renyi | erk
     storage: str = "masked"  # masked | sparse (truly sparse Linear layers)
@@ -70,6 +70,7 @@ class SparsityConfig:
     fixed: list = field(default_factory=list)  # sparse weights that updates leave alone (names)
     drop: str | None = None  # override the method's drop criterion
     grow: str | None = None  # override the method's grow criterion
+    fan_in: str | None = None  # free | constant (every output unit keeps as many inputs); None: the method's
 
 
 @dataclass
@@ -115,11 +116,21 @@ class Config:
     output: OutputConfig = field(default_factory=OutputConfig)
 
     def run_name(self) -> str:
+        """dataset-model-method-<what was set>-s<seed>: the density (d0.02), or for a method whose
+        density is learned the option that sets it (dst-alpha0.0005), since its d would not be
+        the density measured."""
         if self.name:
             return self.name
+        from sparsegrow import METHODS  # the package registers every method on import
+
         s = self.sparsity
-        density = "1" if s.method == "dense" else f"{s.density:g}"
-        return f"{self.data.dataset}-{self.model.name}-{s.method}-d{density}-s{self.seed}"
+        spec = METHODS.get(s.method)
+        if spec.learned_density:
+            setting = f"{spec.name_by}{getattr(getattr(self, spec.options), spec.name_by):g}"
+        else:
+            setting = "d" + ("1" if spec.dense else f"{s.density:g}")
+        fan = "-cfi" if s.fan_in == "constant" and spec.fan_in != "constant" else ""
+        return f"{self.data.dataset}-{self.model.name}-{s.method}{fan}-{setting}-s{self.seed}"
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -278,6 +289,13 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"sparsity.density must be in (0, 1], got {s.density}")
     if isinstance(s.update_every, str) and s.update_every != "epoch":
         raise ConfigError(f"sparsity.update_every must be a step count >= 1 or 'epoch', got {s.update_every!r}")
+    import sparsegrow  # every method registers on import
+
+    if s.method not in sparsegrow.METHODS:
+        raise ConfigError(f"sparsity.method: unknown method {s.method!r}; allowed: "
+                          f"{', '.join(sparsegrow.METHODS.names())}")
+    if s.fan_in is not None and s.fan_in not in ("free", "constant"):
+        raise ConfigError(f"sparsity.fan_in must be free, constant or null, got {s.fan_in!r}")
     if s.update_end <= 0:
         raise ConfigError(f"sparsity.update_end must be a fraction in (0, 1] or a step count > 1, got {s.update_end}")
     o = cfg.output

@@ -106,6 +106,14 @@ def has_progress(run_dir: str | Path) -> bool:
     return (Path(run_dir) / "checkpoint.pt").exists() or (Path(run_dir) / "summary.json").exists()
 
 
+def _target_density(cfg: Config) -> float | None:
+    """The density the config asks for; None where the method learns it (DST)."""
+    import sparsegrow
+
+    spec = sparsegrow.METHODS.get(cfg.sparsity.method)
+    return None if spec.learned_density else (1.0 if spec.dense else cfg.sparsity.density)
+
+
 def train(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool = True) -> dict:
     """Train one run; returns the summary dict (also written to run_dir/summary.json).
 
@@ -328,8 +336,7 @@ def _train(cfg: Config, run_dir: Path, resume: bool, progress: bool, device: tor
     summary = {
         "name": cfg.run_name(), "seed": cfg.seed, "dataset": cfg.data.dataset,
         "model": cfg.model.name, "method": cfg.sparsity.method,
-        "target_density": None if cfg.sparsity.method == "dst" else
-        (1.0 if cfg.sparsity.method == "dense" else cfg.sparsity.density), "density": rep["global_density"],
+        "target_density": _target_density(cfg), "density": rep["global_density"],
         "layer_density": rep["layers"], "itop": rep["itop"], "epochs": t.epochs, "steps": step,
         "world_size": world.size,
         "epochs_changes": epochs_changes,

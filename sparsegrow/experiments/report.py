@@ -12,22 +12,37 @@ COLUMNS = ["model", "method", "density", "distribution", "ΔT", "α", "epochs", 
            "update time (s)", "test acc (%)"]
 
 
+def _spec(method: str):
+    """The registry entry of a run's method (a run of a method no longer registered: a plain one)."""
+    import sparsegrow
+    from sparsegrow.updater import Method
+
+    return sparsegrow.METHODS.get(method) if method in sparsegrow.METHODS else Method(None, None)
+
+
 def _row_key(run: dict) -> dict:
     """The columns that identify a group of runs (all but the seed)."""
     c, s = run["config"], run["summary"]
     sp = c["sparsity"]
     method = sp["method"]
-    dynamic = method not in ("dense", "static", "dst")
-    grow = sp.get("grow") or ("search" if method == "search" else None)
+    spec = _spec(method)
+    drop_grow = spec.make is None and (sp.get("grow") or spec.grow) is not None  # α applies
+    scheduled = spec.make is None and spec.updates  # ΔT applies
+    grow = sp.get("grow") or spec.grow
+    fan = "+cfi" if sp.get("fan_in") == "constant" and spec.fan_in != "constant" else ""
+    if spec.learned_density:  # α is the regulariser's weight here, not the update fraction
+        alpha = f"{c[spec.options][spec.name_by]:g} (L_S)"
+    else:
+        alpha = f"{sp['fraction']:g}" if drop_grow else "-"
     return OrderedDict([
         ("model", c["model"]["name"]),
-        ("method", method + (f"/{sp['grow']}" if sp.get("grow") else "")
-         + (_search_settings(c) if grow == "search" and dynamic else "")),
-        # DST's density is an outcome, not a setting: it is averaged in the table, not grouped on.
-        ("density", "learned" if method == "dst" else f"{s['density']:.4g}"),
-        ("distribution", sp["distribution"] if method not in ("dense", "dst") else "-"),
-        ("ΔT", str(sp["update_every"]) if dynamic else "-"),
-        ("α", f"{sp['fraction']:g}" if dynamic else (f"{c['dst']['alpha']:g} (L_S)" if method == "dst" else "-")),
+        ("method", method + fan + (f"/{sp['grow']}" if sp.get("grow") else "")
+         + (_search_settings(c) if grow == "search" and drop_grow else "")),
+        # a learned density is an outcome, not a setting: it is averaged in the table, not grouped on.
+        ("density", "learned" if spec.learned_density else f"{s['density']:.4g}"),
+        ("distribution", sp["distribution"] if not (spec.dense or spec.learned_density) else "-"),
+        ("ΔT", str(sp["update_every"]) if scheduled else "-"),
+        ("α", alpha),
         ("epochs", _epochs(c, s)),
     ])
 
@@ -86,7 +101,26 @@ def group_runs(runs: list[dict], key=None) -> "OrderedDict[tuple, list[dict]]":
     return groups
 
 
-def grouped_table(runs: list[dict]) -> str:
+# two-sided 95% quantiles of Student's t by degrees of freedom (n - 1); 1.96 beyond the table
+_T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
+         9: 2.262, 10: 2.228, 15: 2.131, 20: 2.086, 30: 2.042}
+
+
+def ci95(values: list[float], scale: float = 1.0, digits: int = 2) -> str:
+    """"[lo, hi]": the 95% confidence interval of the mean, mean ± t(n-1) * s / sqrt(n) (seeds
+    as independent draws); "-" for one run."""
+    values = [v * scale for v in values]
+    n = len(values)
+    if n < 2:
+        return "-"
+    df = n - 1
+    t = _T975.get(df) or (_T975[max(k for k in _T975 if k <= df)] if df < 30 else 1.96)
+    m, h = statistics.mean(values), t * statistics.stdev(values) / n ** 0.5
+    return f"[{m - h:.{digits}f}, {m + h:.{digits}f}]"
+
+
+def grouped_table(runs: list[dict], ci: bool = False) -> str:
+    """One row per group of seeds; ci: add the 95% confidence interval of the mean accuracy."""
     rows = []
     for key, members in group_runs(runs).items():
         summ = [m["summary"] for m in members]
@@ -97,6 +131,7 @@ def grouped_table(runs: list[dict]) -> str:
             mean_std([s["train_time_s"] for s in summ], digits=1),
             mean_std([s["update_time_s"] for s in summ]),
             mean_std([s["test_acc"] for s in summ], scale=100),
+            *([ci95([s["test_acc"] for s in summ], scale=100)] if ci else []),
             str(len(members)),
         ])
-    return _markdown(COLUMNS + ["seeds"], rows)
+    return _markdown(COLUMNS + (["95% CI (%)"] if ci else []) + ["seeds"], rows)

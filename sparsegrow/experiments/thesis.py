@@ -33,7 +33,7 @@ import statistics
 from collections import OrderedDict
 from pathlib import Path
 
-from .plots import PLOTS, _plt, save
+from .plots import PLOTS, NoPlotData, _plt, save
 from .report import _markdown, group_runs, mean_std
 from .results import read_metrics
 
@@ -66,7 +66,12 @@ def _model_rank(label: str) -> int:
 
 
 def _is_dynamic(config: dict) -> bool:
-    return config["sparsity"]["method"] not in ("dense", "static", "dst")
+    """Drop-and-grow runs (K, the update fraction, applies), by the method's registry entry."""
+    from .report import _spec
+
+    sp = config["sparsity"]
+    spec = _spec(sp["method"])
+    return spec.make is None and not spec.prune and (sp.get("grow") or spec.grow) is not None
 
 
 def row_key(run: dict) -> tuple:
@@ -236,7 +241,7 @@ def plot_acc_vs_k(runs: list[dict], out: Path) -> None:
         if sd:
             ax.axhspan(acc - sd, acc + sd, color="k", alpha=0.06)
     ax.set_xscale("log")
-    ax.set_xlabel("K (update fraction)")
+    ax.set_xlabel("K (the update fraction α)")
     ax.set_ylabel("test accuracy (%), mean ± std over seeds")
     save(fig, ax, out, legend_size=7)
 
@@ -273,7 +278,9 @@ def plot_recall(runs: list[dict], out: Path, max_points: int = 200) -> None:
                 label=_line_name(dict(key), varies, with_k=True))
         drawn += 1
     if not drawn:
-        ax.text(0.5, 0.5, "no update records with recall", ha="center", transform=ax.transAxes)
+        plt.close(fig)
+        raise NoPlotData("no update record under the given paths holds grow recall (only search "
+                         "grow measures it: sparsity.method=search, search.measure not off)")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("grow recall (mean over layers)")
     ax.set_ylim(0, 1.05)
