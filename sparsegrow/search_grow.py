@@ -23,13 +23,16 @@ import torch
 
 from .grow import GROW, GrowContext, GrowCriterion
 from .search import BACKENDS, METRICS, exact_top_pairs, top_pairs
+from .search.exact import _scores
+from .selection import require_finite, select_top_rows
 from .search.base import require
 from .signals import SignalSpec
 from .topology import isin_sorted
 from .updater import METHODS, Method
 
 MEASURES = ("auto", "exact", "sampled", "off")
-_MEASURE_ROWS = 256  # rows of S sampled to estimate recall and quality where exact is too dear
+_MEASURE_ROWS = 256
+_ROW_BLOCK_BYTES = 1 << 24  # score block of select_rows (constant fan-in): 16 MiB  # rows of S sampled to estimate recall and quality where exact is too dear
 _OPTIONAL = {"faiss": "faiss", "hnswlib": "hnswlib"}  # backend name prefix -> package
 
 
@@ -103,6 +106,8 @@ class SearchGrow(GrowCriterion):
         self.seed = seed
         self.needs_signal = SignalSpec("rows", sketch_dim=sketch_dim, accumulate=accumulate,
                                        seed=seed)
+        # constant fan-in (SRigL's structure): exact search per output unit, see select_rows
+        self.per_row = backend == "exact"
 
     # -- the criterion -------------------------------------------------------------------------
 
@@ -132,6 +137,40 @@ class SearchGrow(GrowCriterion):
         sync()
         stats["measure_time_s"] = time.perf_counter() - t1
         return idx.to(ctx.excluded.device)
+
+    def select_rows(self, ctx: GrowContext, k: int, generator: torch.Generator) -> torch.Tensor:
+        """Constant fan-in: the k best eligible inputs of every output unit, (N * k,) sorted.
+
+        Exact search by blocks of output units: S[jb] = score(Z[:, jb]ᵀ X) is (rows, M), at most
+        `_ROW_BLOCK_BYTES` at a time, never the whole N × M gradient; excluded pairs are -inf."""
+        p = ctx.param
+        self._check_signal(ctx)
+        t0 = time.perf_counter()
+        Z, X = ctx.signal.Z, ctx.signal.X  # (R, N), (R, M)
+        require_finite(Z, "search grow signal dZ")
+        require_finite(X, "search grow signal X")
+        N, M = Z.shape[1], X.shape[1]
+        excluded = ctx.excluded.to(Z.device)
+        per = max(1, _ROW_BLOCK_BYTES // (4 * M))
+        out = []
+        for r0 in range(0, N, per):
+            r1 = min(N, r0 + per)
+            S = _scores(Z[:, r0:r1].t() @ X, self.metric, Z[:, r0:r1], X)  # (r1 - r0, M)
+            lo, hi = torch.searchsorted(excluded, torch.tensor([r0 * M, r1 * M], device=Z.device))
+            S.view(-1)[excluded[lo:hi] - r0 * M] = float("-inf")
+            cols = select_top_rows(S, k, generator)  # (r1 - r0, k)
+            out.append((cols + M * torch.arange(r0, r1, device=Z.device)[:, None]).reshape(-1))
+        idx = torch.cat(out)
+        ctx.stats.update({"grow_time_s": time.perf_counter() - t0, "signal_rows": Z.shape[0],
+                          "backend": self.backend, "recall": 1.0, "quality": 1.0,
+                          "recall_sampled": False})  # exact per unit by construction
+        return idx.to(ctx.excluded.device)
+
+    def _check_signal(self, ctx: GrowContext) -> None:
+        if ctx.signal is None or ctx.signal.Z is None:
+            raise RuntimeError(f"search grow: no (dZ, X) rows were handed over for "
+                               f"{ctx.param.fqn}; the Sparsifier captures them (build it with "
+                               "method='search')")
 
     def _measure(self, Z, X, idx, n, excluded) -> dict:
         """Recall of the chosen set against the exact top-n of |G| on the same signal, and quality

@@ -209,7 +209,8 @@ class Sparsifier:
                              "sparsegrow.grow.GrowCriterion (needs_signal, select)")
         if self.fan_in == "constant" and self.grow is not None and not self.grow.per_row:
             raise ValueError(f"fan_in='constant' needs a grow criterion that chooses per output "
-                             f"unit; {grow!r} does not (per_row: random, gradient, momentum)")
+                             f"unit; {grow!r} does not (per_row: random, gradient, momentum, search with "
+                             "backend='exact')")
         self.allow_regrow = allow_regrow
         self.grow_init = grow_init
         self.optimizer: torch.optim.Optimizer | None = None
@@ -223,7 +224,7 @@ class Sparsifier:
         chosen = select_params(model, include)
         # Masked storage keeps the module's own dense weight (any use is fine); every other
         # storage replaces the module. Search-like growth reads rows in the module's forward.
-        needs = self.grow.needs_signal if self.dynamic else None
+        needs = self.grow.needs_signal if self.grow is not None else None
         STORAGES.get(storage)  # an unknown storage is named first
         coverage.check(model, [c[0] for c in chosen], replaces_module=storage != "masked",
                        needs_rows=needs is not None and needs.kind == "rows", storage=storage,

@@ -149,7 +149,7 @@ def test_momentum_signal_needs_dense_grad_and_accumulation():
 # -- constant fan-in -------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("method", ["set", "rigl", "snfs", "srigl"])
+@pytest.mark.parametrize("method", ["set", "rigl", "snfs", "srigl", "search"])
 @pytest.mark.parametrize("allow_regrow", [True, False])
 def test_constant_fan_in_holds_at_init_and_after_every_update(method, allow_regrow):
     torch.manual_seed(0)
@@ -194,10 +194,26 @@ def test_constant_fan_in_is_seeded_and_refused_where_unsupported():
     assert all(torch.equal(masks[0][k], masks[1][k]) for k in masks[0])
     with pytest.raises(ValueError, match="chooses per output unit"):
         sg.Sparsifier(mlp(), 0.25, method="search", fan_in="constant",
-                      schedule=sg.UpdateSchedule(every=3, end=30))
+                      grow_kwargs={"backend": "lsh"}, schedule=sg.UpdateSchedule(every=3, end=30))
     with pytest.raises(ValueError, match="unknown fan_in"):
         sg.Sparsifier(mlp(), 0.25, method="rigl", fan_in="fixed",
                       schedule=sg.UpdateSchedule(every=3, end=30))
+
+
+def test_constant_fan_in_search_grows_what_constant_fan_in_rigl_grows():
+    """Exact search per output unit = RigL's per-row top-k of the dense gradient, without it."""
+    masks = {}
+    for method in ("search", "rigl"):
+        torch.manual_seed(0)
+        model = mlp()
+        sp = sg.Sparsifier(model, 0.25, method=method, fan_in="constant", seed=1,
+                           schedule=sg.UpdateSchedule(every=3, end=30, fraction=0.5))
+        sp.attach(torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9))
+        stats = run(model, sp, sp.optimizer, 12)
+        assert stats and sum(s["grown"] for s in stats) > 0
+        masks[method] = sp.masks()
+    for k in masks["rigl"]:
+        assert torch.equal(masks["search"][k], masks["rigl"][k]), k
 
 
 def test_select_top_rows_is_exact_per_row_and_breaks_ties_at_random():
