@@ -76,6 +76,17 @@ class ScoreGrow(GrowCriterion):
         return (cols + fan * torch.arange(rows, device=cols.device)[:, None]).reshape(-1)
 
 
+def _abs_dense_signal(ctx: GrowContext, rule: str, since: str) -> torch.Tensor:
+    """|the dense-gradient signal| of ctx's layer, (numel,) float32, a fresh tensor."""
+    g = ctx.signal.dense_grad if ctx.signal is not None else None
+    if g is None:
+        raise RuntimeError(
+            f"{rule} grow on {ctx.param.fqn}: no dense gradient was captured {since}; call "
+            "loss.backward() before sparsifier.step(), and use masked storage (truly sparse "
+            "layers never form the dense gradient: use grow='search')")
+    return g.abs().reshape(-1).float()
+
+
 GROW: Registry[type[GrowCriterion]] = Registry("grow criterion")
 
 
@@ -108,14 +119,7 @@ class GradientGrow(ScoreGrow):
         self.needs_signal = SignalSpec("dense_grad", accumulate=accumulate)
 
     def scores(self, ctx: GrowContext) -> torch.Tensor:
-        grad = ctx.signal.dense_grad if ctx.signal is not None else None
-        if grad is None:
-            raise RuntimeError(
-                f"gradient (RigL) grow on {ctx.param.fqn}: no dense gradient was captured on this "
-                "update step; call loss.backward() before sparsifier.step(), and use masked storage "
-                "(truly sparse layers never form the dense gradient: use grow='search')"
-            )
-        return grad.abs().reshape(-1).float()  # (numel,), a fresh tensor
+        return _abs_dense_signal(ctx, "gradient (RigL)", "on this update step")
 
 
 @GROW.register("momentum", "grow the inactive connections of largest |momentum of the dense "
@@ -137,10 +141,4 @@ class MomentumGrow(ScoreGrow):
         self.needs_signal = SignalSpec("dense_grad", accumulate=True, momentum=float(beta))
 
     def scores(self, ctx: GrowContext) -> torch.Tensor:
-        m = ctx.signal.dense_grad if ctx.signal is not None else None
-        if m is None:
-            raise RuntimeError(
-                f"momentum (SNFS) grow on {ctx.param.fqn}: no dense gradient was captured since "
-                "training began; call loss.backward() before sparsifier.step(), and use masked "
-                "storage")
-        return m.abs().reshape(-1).float()  # (numel,), a fresh tensor
+        return _abs_dense_signal(ctx, "momentum (SNFS)", "since training began")
