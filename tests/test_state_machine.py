@@ -38,7 +38,8 @@ STORAGES = ["masked", "sparse"]
 
 
 def test_every_optimizer_of_the_table_is_driven():
-    assert set(OPTIMIZERS) == set(RESETS)
+    # torch's own optimizers of the table (other tests register classes of their own)
+    assert set(OPTIMIZERS) == {c for c in RESETS if c.__module__.startswith("torch.optim")}
 
 
 def build(method, storage, opt_cls, seed):
