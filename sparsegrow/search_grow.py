@@ -27,7 +27,9 @@ from .search.exact import _scores
 from .selection import require_finite, select_top_rows
 from .search.base import require
 from .signals import SignalSpec
-from .topology import isin_sorted
+from .search.auto import check_quality_target
+from .search.sampled import check_candidates
+from .topology import isin_sorted, sample_inactive
 from .updater import METHODS, Method
 
 MEASURES = ("auto", "exact", "sampled", "off")
@@ -61,6 +63,11 @@ class SearchGrow(GrowCriterion):
     measure     auto | exact | sampled | off: how recall and quality are measured
     measure_max_numel  layers up to this size are measured exactly under "auto"
     backend_options    dict passed to the backend (e.g. {"nprobe": 8}, {"ef_search": 128})
+    candidates  > 0: pairs drawn per grown connection (sampled backends sample-norm,
+                sample-wedge, sample-diamond; the starting count under auto)
+    quality_target  (0, 1]: backend auto picks the cheapest backend expected to reach this
+                quality (Σ|G| chosen / Σ|G| exact top n); the quality it measured on a layer's
+                previous update replaces the expectation for that layer
     seed        seeds the sketches and the backends
     """
 
@@ -68,7 +75,7 @@ class SearchGrow(GrowCriterion):
                  bits: float = 1.0, sketch_dim: int = 0, accumulate: bool = False,
                  global_threshold: bool = True, measure: str = "auto",
                  measure_max_numel: int = 1 << 24, backend_options: dict | None = None,
-                 seed: int = 0):
+                 seed: int = 0, candidates: float | None = None, quality_target: float = 0.8):
         BACKENDS.get(backend)  # ValueError naming the allowed backends
         if metric not in METRICS:
             raise ValueError(f"unknown search metric {metric!r}; allowed: {', '.join(METRICS)}")
@@ -103,6 +110,15 @@ class SearchGrow(GrowCriterion):
             self.backend_options.setdefault("bits", bits)
         if backend != "exact":
             self.backend_options.setdefault("seed", seed)
+        if candidates is not None:
+            check_candidates(candidates)
+            if backend.startswith("sample-"):
+                self.backend_options.setdefault("candidates", candidates)
+        check_quality_target(quality_target)
+        if backend == "auto":
+            self.backend_options.setdefault("quality_target", quality_target)
+        self.candidates, self.quality_target = candidates, quality_target
+        self._seen: dict[str, dict] = {}  # auto: per layer, {candidates: measured quality}
         self.seed = seed
         self.needs_signal = SignalSpec("rows", sketch_dim=sketch_dim, accumulate=accumulate,
                                        seed=seed)
@@ -124,9 +140,11 @@ class SearchGrow(GrowCriterion):
             raise RuntimeError(f"search grow: {p.fqn} captured ({Z.shape[1]}, {X.shape[1]}) "
                                f"vectors for a ({N}, {M}) weight")
         excluded = ctx.excluded.to(Z.device)
+        options = self.backend_options
+        if self.backend == "auto":  # the layer's measured qualities replace the expectation
+            options = {**options, "expected": self._seen.get(p.fqn)}
         idx, _, info = top_pairs(Z, X, n, excluded, generator, self.backend, self.metric,
-                                 self.k_similar, self.global_threshold, self.seed,
-                                 self.backend_options)
+                                 self.k_similar, self.global_threshold, self.seed, options)
         sync()
         stats = ctx.stats
         stats.update({"grow_time_s": time.perf_counter() - t0, "signal_rows": Z.shape[0],
@@ -135,6 +153,10 @@ class SearchGrow(GrowCriterion):
         t1 = time.perf_counter()
         stats.update(self._measure(Z, X, idx, n, excluded))
         sync()
+        choice = info.get("auto_choice", "")
+        if ":" in choice and "quality" in stats:  # auto ran a sampler: remember how it did
+            c = float(choice.split(":")[1])
+            self._seen.setdefault(p.fqn, {})[c] = stats["quality"]
         stats["measure_time_s"] = time.perf_counter() - t1
         return idx.to(ctx.excluded.device)
 
@@ -177,8 +199,6 @@ class SearchGrow(GrowCriterion):
         Σ|G| chosen / Σ|G| exact top-n; on `_MEASURE_ROWS` random rows of G where exact is dear."""
         if self.measure == "off":
             return {}
-        if self.backend == "exact" and self.metric == "abs_ip":
-            return {"recall": 1.0, "quality": 1.0, "recall_sampled": False}  # by construction
         N, M = Z.shape[1], X.shape[1]
         sampled = N > _MEASURE_ROWS and (self.measure == "sampled" or (
             self.measure == "auto" and N * M > self.measure_max_numel))
@@ -196,12 +216,25 @@ class SearchGrow(GrowCriterion):
             Z, excluded, idx = Z[:, rows], restrict(excluded), restrict(idx)
             n = max(1, round(n * rows.numel() / N))
             n = min(n, rows.numel() * M - excluded.numel())
+        # Random growth on the same signal and rows, beside it (its quality is the floor).
+        rand = sample_inactive(Z.shape[1] * M, excluded, n, g, Z.device)
+        rand_q = float(pair_scores(Z, X, rand).sum())
+        exact = self.backend == "exact" and self.metric == "abs_ip"  # recall 1 by construction
+        if exact and not sampled:
+            best = float(pair_scores(Z, X, idx).sum())
+            return {"recall": 1.0, "quality": 1.0, "recall_sampled": False,
+                    "quality_random": rand_q / best if best > 0 else 1.0}
         ref, ref_val, _ = exact_top_pairs(Z, X, n, excluded, g, "abs_ip")
+        if exact:
+            best = float(ref_val.sum())
+            return {"recall": 1.0, "quality": 1.0, "recall_sampled": True,
+                    "quality_random": rand_q / best if best > 0 else 1.0}
         hit = int(isin_sorted(idx, ref).sum())
         chosen = float(pair_scores(Z, X, idx).sum())
         best = float(ref_val.sum())
         return {"recall": hit / max(ref.numel(), 1),
                 "quality": chosen / best if best > 0 else 1.0,
+                "quality_random": rand_q / best if best > 0 else 1.0,
                 "recall_sampled": bool(sampled)}
 
 

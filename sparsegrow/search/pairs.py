@@ -29,6 +29,7 @@ import torch
 
 from ..selection import require_finite
 from .base import BACKENDS, TopPool, check_metric, to_l2_base, to_l2_query
+from .auto import auto_top_pairs
 from .exact import _scores, exact_top_pairs
 
 _SAMPLE_COLS = 512
@@ -83,6 +84,11 @@ def top_pairs(Z: torch.Tensor, X: torch.Tensor, n: int, excluded: torch.Tensor,
     require_finite(X, "the search grow signal X (layer inputs)")
     if backend == "exact":
         return exact_top_pairs(Z, X, n, excluded, generator, metric, **(backend_options or {}))
+    if backend == "auto":
+        return auto_top_pairs(Z, X, n, excluded, generator, metric, **(backend_options or {}))
+    if getattr(BACKENDS.get(backend), "mode", "knn") == "pairs":  # sampled: draws pairs itself
+        return BACKENDS.get(backend)(**(backend_options or {})).pairs(Z, X, n, excluded,
+                                                                      generator, metric)
     N, M = Z.shape[1], X.shape[1]
     numel = N * M
     if n > numel - excluded.numel():

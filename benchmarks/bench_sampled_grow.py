@@ -1,0 +1,154 @@
+"""Sampled search grow against exact search and random growth, measured in one run (issue 13).
+
+Capture a real signal once (a hidden layer's output gradients dZ and inputs X, B = 128 rows, of
+the MLP 784-4096-4096-10 trained --train-steps SGD steps on Fashion-MNIST; float16, ~2 MB):
+
+    python benchmarks/bench_sampled_grow.py --capture benchmarks/signals/fmnist_mlp4096.pt
+
+then measure at larger widths:
+
+    python benchmarks/bench_sampled_grow.py --signal benchmarks/signals/fmnist_mlp4096.pt \
+        --sizes 16384 65536 --densities 0.01 0.001 --repeats 3 --out benchmarks/results/bench_sampled_grow.md
+
+"Real-profile" signal at width W: the W columns of dZ and of X are drawn with replacement from
+the captured 4096 (so the norm profile and the correlations across the B rows are the trained
+layer's), each scaled by exp(0.1·ε), ε ~ N(0, 1), so no two are identical. The active set is
+random at the density (a captured 4096² top-|w| set does not scale). n = 0.3 · nnz grown.
+Quality = Σ|G| of the chosen pairs / Σ|G| of exact search's pairs; recall = share of exact's
+pairs chosen. Cost is also given in training steps of the layer: one truly sparse step (SpMM
+forward, SpMM backward, SDDMM weight gradient at the nnz; C kernels) measured at the same size.
+Times are medians over --repeats; each repeat runs every method once, interleaved.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+
+import torch
+
+from sparsegrow.layers.kernels import sddmm, spmm
+from sparsegrow.search import exact_top_pairs, top_pairs
+from sparsegrow.search_grow import pair_scores
+from sparsegrow.topology import isin_sorted, sample_inactive
+
+
+def capture(path, steps, width=4096, B=128):
+    sys.path.insert(0, "benchmarks")
+    from bench_grow import trained_data
+    Z, X, _ = trained_data(width, width, B, 0.01, 0, steps, "cpu")
+    torch.save({"Z": Z.half(), "X": X.half(), "steps": steps, "width": width,
+                "what": "dZ and X of layer 2 of MLP 784-4096-4096-10 (dense SGD, Fashion-MNIST)"},
+               path)
+    print(f"saved {path}: Z {tuple(Z.shape)}, X {tuple(X.shape)}")
+
+
+def real_profile(sig, W, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for key in ("Z", "X"):
+        A = sig[key].float()
+        cols = torch.randint(0, A.shape[1], (W,), generator=g)
+        out.append((A[:, cols] * torch.exp(0.1 * torch.randn(W, generator=g))).contiguous())
+    return out
+
+
+def layer_step_s(N, M, B, active):
+    """One truly sparse training step of the layer: SpMM fwd + SpMM bwd + SDDMM at the nnz."""
+    ptr = torch.searchsorted(active, torch.arange(N + 1) * M)
+    idx = (active % M).contiguous()
+    val = torch.randn(active.numel())
+    xt, gt = torch.randn(M, B), torch.randn(N, B)
+    rows = torch.repeat_interleave(torch.arange(N), ptr.diff())
+    tkey, order = torch.sort(idx * N + rows)  # the transposed CSR (as the layer keeps it)
+    tptr = torch.searchsorted(tkey, torch.arange(M + 1) * N)
+    tidx, tval = (tkey % N).contiguous(), val[order].contiguous()
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        spmm(ptr, idx, val, xt, N)
+        spmm(tptr, tidx, tval, gt, M)
+        sddmm(ptr, idx, gt, xt)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--capture", default=None, help="train, capture the signal, save it here")
+    ap.add_argument("--train-steps", type=int, default=300)
+    ap.add_argument("--signal", default="benchmarks/signals/fmnist_mlp4096.pt")
+    ap.add_argument("--sizes", nargs="+", type=int, default=[16384, 65536])
+    ap.add_argument("--densities", nargs="+", type=float, default=[0.01, 0.001])
+    ap.add_argument("--samplers", nargs="+", default=["norm", "wedge", "diamond"])
+    ap.add_argument("--candidates", nargs="+", type=float, default=[4, 8, 16, 32])
+    ap.add_argument("--max-draws", type=float, default=6e7, help="skip settings drawing more")
+    ap.add_argument("--fraction", type=float, default=0.3)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.capture:
+        return capture(args.capture, args.train_steps)
+    sig = torch.load(args.signal)
+    header = ("| size | density | method | time s | × exact | layer steps | recall | quality | "
+              "scored | note |")
+    rows = [header, "|" + "---|" * 10]
+    print("\n".join(rows), flush=True)
+    for W in args.sizes:
+        Z, X = real_profile(sig, W)
+        for d in args.densities:
+            active = sample_inactive(W * W, torch.empty(0, dtype=torch.long), int(d * W * W),
+                                     torch.Generator().manual_seed(1))
+            n = int(round(args.fraction * active.numel()))
+            methods = ["exact", "random", "auto"] + [
+                f"sample-{s}:{c:g}" for s in args.samplers for c in args.candidates
+                if c * n <= args.max_draws]
+            times = {m: [] for m in methods}
+            out, info = {}, {}
+            for _ in range(args.repeats):
+                for m in methods:
+                    gen = torch.Generator().manual_seed(2)
+                    t0 = time.perf_counter()
+                    if m == "exact":
+                        idx, _, inf = exact_top_pairs(Z, X, n, active, gen)
+                    elif m == "random":
+                        idx, inf = sample_inactive(W * W, active, n, gen), {}
+                    elif m == "auto":
+                        idx, _, inf = top_pairs(Z, X, n, active, gen, "auto")
+                    else:
+                        b, c = m.split(":")
+                        idx, _, inf = top_pairs(Z, X, n, active, gen, b,
+                                                backend_options={"candidates": float(c)})
+                    times[m].append(time.perf_counter() - t0)
+                    out[m], info[m] = idx, inf
+            step = layer_step_s(W, W, Z.shape[0], active)
+            best = float(pair_scores(Z, X, out["exact"]).sum())
+            t_ex = statistics.median(times["exact"])
+            for m in methods:
+                t = statistics.median(times[m])
+                rec = float(isin_sorted(out[m], out["exact"]).float().mean())
+                q = float(pair_scores(Z, X, out[m]).sum()) / best
+                inf = info[m]
+                note = inf.get("auto_choice", "")
+                if inf.get("random_filled"):
+                    note += f" random_filled={inf['random_filled']}"
+                if m == "exact":
+                    note = f"pairs_computed={inf['pairs_computed']:.3f}"
+                row = (f"| {W}² | {d} | {m} | {t:.3f} | {t_ex / t:.1f}× faster | {t / step:.0f} | "
+                       f"{rec:.3f} | {q:.3f} | {inf.get('scored', '')} | {note} |")
+                print(row, flush=True)
+                rows.append(row)
+            print(f"(layer step {step:.4f} s; n = {n})", flush=True)
+            rows.append(f"| {W}² | {d} | (one sparse training step of the layer) | {step:.4f} | | 1 | | | | n = {n} |")
+    if args.out:
+        with open(args.out, "a") as f:
+            f.write(f"\n`python benchmarks/bench_sampled_grow.py {' '.join(sys.argv[1:])}`  \n"
+                    f"threads {args.threads}, B = {Z.shape[0]}, update fraction {args.fraction}, "
+                    f"median of {args.repeats} interleaved repeats\n\n" + "\n".join(rows) + "\n")
+
+
+if __name__ == "__main__":
+    main()

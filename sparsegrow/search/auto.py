@@ -1,0 +1,90 @@
+"""`search.backend: auto`: per layer and update, the cheapest backend expected to reach a quality.
+
+Quality = Σ|G| of the chosen pairs / Σ|G| of the exact top n. Exact search has quality 1 and costs
+one N × M × R product (less what its norm bound skips, ignored here: the estimate is an upper
+bound); a sampler with `c` candidates per grown connection costs about c · n draws, a sort of
+them and an SDDMM at the distinct ones, and reaches a quality that depends on the signal. The
+expected quality per candidates count starts from the table measured on captured training signals
+(benchmarks/results/bench_sampled_grow.md) and is replaced by what the caller measured on this
+layer's previous update (`expected`, kept by `SearchGrow`). The choice and its reason go to info.
+"""
+from __future__ import annotations
+
+import torch
+
+from .base import BACKENDS
+from .exact import exact_top_pairs
+
+# Measured constants (2 shared CPU cores, torch 2.13, float32; benchmarks/bench_sampled_grow.py):
+EXACT_MACS_PER_S = 3.5e10  # dense score GEMM of the exact search, multiply-adds per second
+SAMPLED_S_PER_DRAW = 6e-8  # draw + sort + merge + SDDMM (R = 128) per drawn candidate
+# Expected quality of the default sampler per candidates count on real signals (wedge; measured).
+EXPECTED_QUALITY = {4: 0.6, 8: 0.7, 16: 0.8, 32: 0.88, 64: 0.93}
+CANDIDATES = tuple(EXPECTED_QUALITY)
+
+
+def check_quality_target(q) -> None:
+    if isinstance(q, bool) or not isinstance(q, (int, float)) or not 0 < q <= 1:
+        raise ValueError(f"quality_target must be in (0, 1] (Σ|G| chosen / Σ|G| exact), got {q!r}")
+
+
+def choose(N: int, M: int, R: int, n: int, quality_target: float, sampler: str,
+           expected: dict | None = None) -> tuple[str, float | None, str]:
+    """(backend, candidates or None, reason): the cheapest option expected to reach the target."""
+    exact_s = N * M * R / EXACT_MACS_PER_S
+    table = {**EXPECTED_QUALITY, **(expected or {})}
+    for c in sorted(table):
+        s = c * n * SAMPLED_S_PER_DRAW * max(R, 16) / 128
+        if table[c] >= quality_target:
+            if s < exact_s:
+                return (f"sample-{sampler}", c,
+                        f"expected quality {table[c]:.2f} >= {quality_target} with {c} candidates, "
+                        f"est. {s:.3g} s < exact {exact_s:.3g} s")
+            return ("exact", None, f"sampling to quality {quality_target} ({c} candidates, est. "
+                                   f"{s:.3g} s) costs more than exact (est. {exact_s:.3g} s)")
+    return ("exact", None, f"no candidates count up to {max(table)} is expected to reach quality "
+                           f"{quality_target}")
+
+
+def check_sampler(sampler) -> None:
+    if sampler not in ("norm", "wedge", "diamond"):
+        raise ValueError(f"unknown auto sampler {sampler!r}; allowed: norm, wedge, diamond")
+
+
+@torch.no_grad()
+def auto_top_pairs(Z, X, n, excluded, generator, metric: str = "abs_ip",
+                   quality_target: float = 0.8, sampler: str = "wedge",
+                   expected: dict | None = None, seed: int = 0):
+    check_quality_target(quality_target)
+    check_sampler(sampler)
+    backend, c, reason = choose(Z.shape[1], X.shape[1], Z.shape[0], n, quality_target, sampler,
+                                expected)
+    if backend == "exact":
+        idx, val, info = exact_top_pairs(Z, X, n, excluded, generator, metric)
+    else:
+        idx, val, info = BACKENDS.get(backend)(candidates=c, seed=seed).pairs(
+            Z, X, n, excluded, generator, metric)
+    info = {"auto_choice": backend if c is None else f"{backend}:{c}", "auto_reason": reason,
+            **info}
+    return idx, val, info
+
+
+@BACKENDS.register("auto", "per layer and update: exact when N·M·R is cheap, else the sampled "
+                   "backend expected to reach quality_target")
+class AutoIndex:
+    """The per-query contract of `auto` is exact search's (sampling pays off only for growth)."""
+
+    mode = "auto"
+
+    def __init__(self, quality_target: float = 0.8, sampler: str = "wedge",
+                 expected: dict | None = None, seed: int = 0, **_):
+        check_quality_target(quality_target)
+        check_sampler(sampler)
+        self.inner = BACKENDS.get("exact")()
+
+    def build(self, base):
+        self.inner.build(base)
+
+    def search(self, queries, k):
+        return self.inner.search(queries, k)
+
