@@ -133,8 +133,11 @@ def test_bad_knobs_are_clear_errors():
 
 def test_auto_chooses_by_cost_and_records_why():
     assert choose(300, 784, 128, 7000, 0.8, "wedge")[0] == "exact"  # tiny: exact is cheap
+    # with the measured table no candidates count reaches 0.8 at 65536²: exact, saying why
     backend, c, reason = choose(65536, 65536, 128, 1_290_000, 0.8, "wedge")
-    assert backend == "sample-wedge" and c is not None and "expected quality" in reason
+    assert backend == "exact" and "no candidates count" in reason
+    backend, c, reason = choose(65536, 65536, 128, 1_290_000, 0.5, "wedge")
+    assert backend == "sample-wedge" and c == 16 and "expected quality" in reason
     # a measured quality below the target on this layer moves to more candidates or exact
     worse = {k: 0.1 for k in (4, 8, 16, 32, 64)}
     assert choose(65536, 65536, 128, 1_290_000, 0.8, "wedge", worse)[0] == "exact"

@@ -15,11 +15,15 @@ import torch
 from .base import BACKENDS
 from .exact import exact_top_pairs
 
-# Measured constants (2 shared CPU cores, torch 2.13, float32; benchmarks/bench_sampled_grow.py):
+# Rough constants (2 shared CPU cores under load, torch 2.13, float32; to calibrate on a quiet
+# machine with benchmarks/bench_sampled_grow.py):
 EXACT_MACS_PER_S = 3.5e10  # dense score GEMM of the exact search, multiply-adds per second
 SAMPLED_S_PER_DRAW = 6e-8  # draw + sort + merge + SDDMM (R = 128) per drawn candidate
-# Expected quality of the default sampler per candidates count on real signals (wedge; measured).
-EXPECTED_QUALITY = {4: 0.6, 8: 0.7, 16: 0.8, 32: 0.88, 64: 0.93}
+# Expected quality of the wedge sampler per candidates count. 4, 8, 16: measured on the
+# real-profile 65536² signal at density 0.001 (benchmarks/results/bench_sampled_grow.md: 0.33,
+# 0.45, 0.58); 32 and 64 are NOT measured, an extrapolation to calibrate. So at the default target
+# 0.8 `auto` picks exact unless a layer's own measured quality says otherwise (`expected`).
+EXPECTED_QUALITY = {4: 0.33, 8: 0.45, 16: 0.58, 32: 0.68, 64: 0.76}
 CANDIDATES = tuple(EXPECTED_QUALITY)
 
 
