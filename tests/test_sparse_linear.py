@@ -506,7 +506,8 @@ def test_update_keeps_storage_and_stale_backward_raises():
     of mixing the old topology with the new values."""
     layer = random_csr(10, 12, 40, dtype=torch.float32)
     p = sl.SparseLinearParam("w", layer)
-    ptrs = {n: getattr(layer, n).data_ptr() for n in ("values", "crow", "col", "ccol", "row_t", "perm")}
+    names = ("values", "crow", "col", "ccol", "row_t", "perm")
+    ptrs = {n: getattr(layer, n).data_ptr() for n in names}
     y = layer(torch.randn(4, 12, requires_grad=True)).sum()
     a = p.active()
     p.update(a[:5], sample_inactive(120, a, 5, torch.Generator().manual_seed(0)), torch.zeros(5))
@@ -525,14 +526,16 @@ UNIT_ROUNDOFF = {torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}
 
 
 def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((a.double() - ref.double()).norm() / ref.double().norm())
+    a, ref = a.detach().double(), ref.detach().double()
+    return float((a - ref).norm() / ref.norm())
 
 
 @pytest.mark.parametrize("backend", backends(), indirect=True)
 @pytest.mark.parametrize("dtype", list(UNIT_ROUNDOFF))
 def test_kernels_take_low_precision(backend, dtype):
     layer = random_csr(37, 53, 300, dtype=torch.float32)
-    val, xt, a = layer.values.detach().to(dtype), torch.randn(53, 9).to(dtype), torch.randn(37, 9).to(dtype)
+    val = layer.values.detach().to(dtype)
+    xt, a = torch.randn(53, 9).to(dtype), torch.randn(37, 9).to(dtype)
     u = UNIT_ROUNDOFF[dtype]
     y = kernels.spmm(layer.crow, layer.col, val, xt, 37)
     ref = kernels.spmm_reference(layer.crow, layer.col, val.float(), xt.float(), 37)
@@ -540,8 +543,8 @@ def test_kernels_take_low_precision(backend, dtype):
     torch.testing.assert_close(y.float(), ref, rtol=u, atol=1e-6)  # one rounding of float32
     s = kernels.sddmm(layer.crow, layer.col, a, xt)
     assert s.dtype == dtype
-    torch.testing.assert_close(s.float(), kernels.sddmm_reference(layer.crow, layer.col, a.float(), xt.float()),
-                               rtol=u, atol=1e-6)
+    ref = kernels.sddmm_reference(layer.crow, layer.col, a.float(), xt.float())
+    torch.testing.assert_close(s.float(), ref, rtol=u, atol=1e-6)
 
 
 @pytest.mark.parametrize("dtype", list(UNIT_ROUNDOFF))
@@ -565,7 +568,8 @@ def test_low_precision_weights_match_float32_masked_reference(dtype):
     y32.backward(g.float())
     assert x.grad.dtype == sp.values.grad.dtype == dtype
     torch.testing.assert_close(x.grad.float(), x32.grad, rtol=u, atol=1e-5)
-    torch.testing.assert_close(sp.values.grad.float(), masked.weight.grad.view(-1)[active], rtol=u, atol=1e-5)
+    torch.testing.assert_close(sp.values.grad.float(), masked.weight.grad.view(-1)[active],
+                               rtol=u, atol=1e-5)
     torch.testing.assert_close(sp.bias.grad.float(), masked.bias.grad, rtol=u, atol=1e-5)
 
 

@@ -260,12 +260,14 @@ class SparseLinear(nn.Module):
         # the bias add would flip the sign of small pre-activations, and with it ReLU's mask.)
         # The casts are autograd ops, so dX and dW come back in x's and the weights' dtypes.
         compute = torch.float64 if w.dtype == torch.float64 else torch.float32
+        wide = lambda t: t if t.dtype == compute else t.to(compute)  # noqa: E731
         lead = x.shape[:-1]
-        y = _SparseLinearFn.apply(x.reshape(-1, self.in_features).to(compute), w.to(compute),
+        y = _SparseLinearFn.apply(wide(x.reshape(-1, self.in_features)), wide(w),
                                   self.crow, self.col, self.ccol, self.row_t, self.perm)
         if self.bias is not None:
-            y = y + self.bias.to(compute)
-        y = y.to(out_dtype)  # (B, N), still the transpose of a contiguous (N, B)
+            y = y + wide(self.bias)
+        if out_dtype != compute:
+            y = y.to(out_dtype)  # (B, N), still the transpose of a contiguous (N, B)
         return y.reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:
