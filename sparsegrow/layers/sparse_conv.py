@@ -11,14 +11,13 @@ drop/grow criterion, distribution, schedule, sketch and search backend drives it
 `SparseLinearParam` view; its `shape` is the 4-D (out, in, kh, kw) the distributions (ERK) read.
 
 Forward, with P = H'·W' output positions per sample:
-    cols = unfold(x)                      (B, K, P)     the patches (im2col)
-    Xᵀ   = cols as (K, B·P)               feature-major, one copy
+    Xᵀ   = patches of x                   (K, B·P)      im2col, feature-major, one strided copy
     Yᵀ   = W Xᵀ                           (N, B·P)      SpMM, SparseLinear's autograd.Function
     y    = Yᵀ as (B, N, H', W') + bias
-Backward: dXᵀ = Wᵀ dYᵀ (SpMM on the transposed CSR), then F.fold (unfold's autograd backward)
-scatters the patch gradients back onto the input; dW only at the nnz, dW[k] = <dYᵀ[row_k],
+Backward: dXᵀ = Wᵀ dYᵀ (SpMM on the transposed CSR), then the windows' autograd backward (a
+fold) scatters the patch gradients back onto the input; dW only at the nnz, dW[k] = <dYᵀ[row_k],
 Xᵀ[col_k]> over the B·P positions (SDDMM). The largest temporaries are the unfolded patches
-(K·B·P numbers, twice while they are transposed), what nn.Conv2d's own CPU path also builds.
+(K·B·P numbers) and their gradient, what nn.Conv2d's own CPU path also builds.
 
 Search grow reads this layer like an nn.Conv2d: it exposes kernel_size, stride, padding,
 dilation, groups (1) and padding_mode ("zeros"), its forward takes the input as args[0] and
@@ -133,6 +132,22 @@ class SparseConv2d(CSRModule):
         return tuple((n + 2 * p - d * (k - 1) - 1) // s + 1 for n, p, d, k, s in zip(
             (h, w), self.padding, self.dilation, self.kernel_size, self.stride))
 
+    def _patches(self, x: torch.Tensor) -> torch.Tensor:
+        """The unfolded input, feature-major: (B, C, H, W) -> Xᵀ (K, B·P), row c·kh·kw + u·kw + v.
+
+        F.unfold's result (B, K, P) would still need a transposing copy, and its CPU im2col is
+        single-threaded and ~10x slower than a strided copy here (3.2 s vs 0.2 s for
+        B=128, 16 channels, 32x32). Instead: zero-pad, take the windows as a view with
+        Tensor.unfold (stride s, span d·(k-1)+1, every d-th element for dilation d), and copy
+        that (C, kh, kw, B, H', W') view once; autograd's unfold_backward is the fold."""
+        (ph, pw), (sh, sw), (dh, dw) = self.padding, self.stride, self.dilation
+        kh, kw = self.kernel_size
+        if ph or pw:
+            x = F.pad(x, (pw, pw, ph, ph))
+        win = x.unfold(2, dh * (kh - 1) + 1, sh)[..., ::dh]  # (B, C, H', Wp, kh)
+        win = win.unfold(3, dw * (kw - 1) + 1, sw)[..., ::dw]  # (B, C, H', W', kh, kw)
+        return win.permute(1, 4, 5, 0, 2, 3).reshape(self.n_cols, -1)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"SparseConv2d expects (B, {self.in_channels}, H, W) input, got "
@@ -143,9 +158,7 @@ class SparseConv2d(CSRModule):
         if ho <= 0 or wo <= 0:
             raise ValueError(f"SparseConv2d: input {tuple(x.shape)} is smaller than the "
                              f"(dilated) kernel {self.kernel_size}")
-        cols = F.unfold(x.to(compute), self.kernel_size, dilation=self.dilation,
-                        padding=self.padding, stride=self.stride)  # (B, K, P)
-        xt = cols.transpose(0, 1).reshape(self.n_cols, -1)  # (K, B·P), contiguous
+        xt = self._patches(x.to(compute))  # (K, B·P), contiguous
         yt = self._matmul(xt.t(), compute).t()  # (N, B·P), contiguous
         y = yt.view(self.out_channels, B, ho, wo)
         if self.bias is not None:
