@@ -346,3 +346,38 @@ def test_loop_materialises_batchnorm_on_meta_built_models():
     std = model.down.values.std().item()  # Kaiming normal, fan_out = 8 * 9
     assert 0.5 * (2 / 72) ** 0.5 < std < 1.5 * (2 / 72) ** 0.5
     model(torch.randn(2, 2, 8, 8)).sum().backward()
+
+
+@pytest.mark.skipif(not (__import__("sparsegrow.experiments.data", fromlist=["x"]).FASHION_MNIST_DIR
+                         / "t10k-labels-idx1-ubyte.gz").exists(), reason="Fashion-MNIST not installed")
+def test_cli_wrn_storage_sparse_resume_equals_uninterrupted(tmp_path, monkeypatch):
+    """A WRN (BatchNorm materialised after the meta build) trained truly sparse with search grow
+    reading conv rows; a crash and resume ends exactly as the uninterrupted run."""
+    from sparsegrow.experiments import loop
+    from sparsegrow.experiments.config import load_config
+    from test_cli import assert_same_run
+
+    args = ["model.name=wrn", "model.kwargs={depth: 10, width: 1}", "data.pad_to=32",
+            "train.epochs=2", "data.train_subset=128", "data.test_subset=100",
+            "train.batch_size=64", "sparsity.method=search", "sparsity.storage=sparse",
+            "sparsity.density=0.2", "sparsity.update_every=1", "signal.sketch_dim=64",
+            "train.threads=1"]
+    cfg = load_config(None, args)
+    full = loop.train(cfg, tmp_path / "full", progress=False)
+    ckpt = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=False)
+    assert any(k.endswith("stem.values") for k in ckpt["model"])  # the convs were truly sparse
+    real_evaluate = loop.evaluate
+    calls = {"n": 0}
+
+    def crash_in_epoch_2(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real_evaluate(*a, **k)
+
+    monkeypatch.setattr(loop, "evaluate", crash_in_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        loop.train(cfg, tmp_path / "crash", progress=False)
+    monkeypatch.setattr(loop, "evaluate", real_evaluate)
+    resumed = loop.train(cfg, tmp_path / "crash", resume=True, progress=False)
+    assert_same_run(tmp_path / "full", tmp_path / "crash", full, resumed)
