@@ -64,14 +64,24 @@ class _SparseLinearFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         xt, values, crow, col, ccol, row_t, perm = ctx.saved_tensors
-        dyt = dy.t().contiguous()  # (N, B)
-        dx = dv = None
-        if ctx.needs_input_grad[0]:
-            # dX^T (M, B) = W^T dY^T, with W^T in CSR = (ccol, row_t, values[perm])
-            dx = kernels.spmm(ccol, row_t, values[perm], dyt, ccol.numel() - 1).t()
-        if ctx.needs_input_grad[1]:
-            dv = kernels.sddmm(crow, col, dyt, xt)  # (nnz,)
-        return dx, dv, None, None, None, None, None
+        dxt, dv = csr_grads(dy.t().contiguous(), lambda: xt, ctx.needs_input_grad[:2], values,
+                            crow, col, ccol, row_t, perm)
+        return (dxt.t() if dxt is not None else None), dv, None, None, None, None, None
+
+
+def csr_grads(dyt: torch.Tensor, xt_fn, needs: tuple[bool, bool], values, crow, col, ccol,
+              row_t, perm) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(dX^T (M, B), dW at the nnz (nnz,)) of Y^T = W X^T from dY^T (N, B), as needed.
+
+    xt_fn() gives X^T (M, B) (saved, or recomputed by SparseConv2d); it is called first and
+    dropped before dX^T is made, so the two never coexist."""
+    dxt = dv = None
+    if needs[1]:
+        dv = kernels.sddmm(crow, col, dyt, xt_fn())  # (nnz,)
+    if needs[0]:
+        # dX^T (M, B) = W^T dY^T, with W^T in CSR = (ccol, row_t, values[perm])
+        dxt = kernels.spmm(ccol, row_t, values[perm], dyt, ccol.numel() - 1)
+    return dxt, dv
 
 
 def _check_active(active: torch.Tensor, numel: int, what: str = "active") -> None:
