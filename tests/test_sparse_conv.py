@@ -1,6 +1,7 @@
 """Truly sparse Conv2d: gradients and agreement with a masked nn.Conv2d over every geometry, no
 dense weight-sized tensor, optimizer-state re-indexing, every grow criterion (search reading conv
-rows), clear errors, conversion both ways, checkpoints, export, and the training loop."""
+rows), clear errors, conversion both ways, checkpoints and the training loop (export: a
+(ConvNet, "sparse") case in test_export.py)."""
 from __future__ import annotations
 
 import copy
@@ -13,14 +14,12 @@ from torch import nn
 from torch.func import functional_call
 
 import sparsegrow
-from sparsegrow.drop import DROP
-from sparsegrow.grow import GROW, GrowContext
 from sparsegrow.layers import sparse_linear as sl
 from sparsegrow.layers.sparse_conv import SparseConv2d
 from sparsegrow.signals import LayerSignal
 from sparsegrow.topology import MaskedParam, sample_inactive
 
-from test_sparse_linear import EMPTY, OPTIMIZERS, MaxNumel, grow_criteria
+from test_sparse_linear import EMPTY, OPTIMIZERS, MaxNumel, every_stage, grow_criteria
 
 
 def random_active(numel, nnz, seed=0):
@@ -102,19 +101,7 @@ def test_no_dense_weight_tensor_at_any_stage():
     with MaxNumel() as mode:
         active = sample_inactive(numel, EMPTY, nnz, gen)
         layer = SparseConv2d(c, c, k, active, padding=1, generator=gen)
-        p = sl.SparseLinearParam("w", layer)
-        optimizer = torch.optim.Adam(layer.parameters(), lr=1e-3)
-        x = torch.randn(batch, c, hw, hw, generator=gen, requires_grad=True)
-        layer(x).square().sum().backward()
-        optimizer.step()
-        a = p.active()
-        drop = a[DROP.get("magnitude")().select(p.values(a), 1000, gen)]
-        kept = a[~torch.isin(a, drop)]
-        grow = GROW.get("random")().select(GrowContext(p, kept, 1), 1000, gen)
-        p.update(drop, grow, torch.zeros(1000), optimizer)
-        layer.load_state_dict(copy.deepcopy(layer.state_dict()))
-        with torch.no_grad():
-            layer(x)
+        every_stage(layer, torch.randn(batch, c, hw, hw, generator=gen, requires_grad=True), gen)
     assert_valid(layer, nnz)
     assert mode.max_bytes <= bound, f"{mode.max_op} made a tensor of {mode.max_bytes} bytes"
 
@@ -313,23 +300,6 @@ def test_checkpoint_round_trip():
         torch.testing.assert_close(model2(x), model(x))
     for a, b in zip(sp.params, sp2.params):
         assert torch.equal(a.active(), b.active())
-
-
-def test_export_loads_conv_as_sparse(tmp_path):
-    torch.manual_seed(0)
-    model = ConvNet()
-    sparsegrow.sparsify(model, 0.3, method="static", storage="sparse", seed=0)
-    model.eval()
-    x = torch.randn(2, 2, 8, 8)
-    with torch.no_grad():
-        ref = model(x)
-    sparsegrow.export_sparse(model, tmp_path / "m.safetensors")
-    with torch.device("meta"):
-        skeleton = ConvNet()
-    loaded = sparsegrow.load_sparse(tmp_path / "m.safetensors", skeleton)
-    assert isinstance(loaded.down, SparseConv2d) and loaded.down.stride == (2, 2)
-    with torch.no_grad():
-        torch.testing.assert_close(loaded(x), ref)
 
 
 def test_loop_materialises_batchnorm_on_meta_built_models():
