@@ -351,3 +351,15 @@ def test_cli_wrn_storage_sparse_resume_equals_uninterrupted(tmp_path, monkeypatc
     monkeypatch.setattr(loop, "evaluate", real_evaluate)
     resumed = loop.train(cfg, tmp_path / "crash", resume=True, progress=False)
     assert_same_run(tmp_path / "full", tmp_path / "crash", full, resumed)
+
+
+def test_no_grad_forward_unfolds_in_chunks(monkeypatch):
+    """Evaluation batches are unfolded a few samples at a time, with the same result."""
+    from sparsegrow.layers import sparse_conv
+    layer = SparseConv2d(3, 4, 3, random_active(4 * 27, 30), padding=1, dtype=torch.float64)
+    x = torch.randn(5, 3, 6, 6, dtype=torch.float64)
+    with torch.no_grad():
+        whole = layer(x)
+        monkeypatch.setattr(sparse_conv, "_EVAL_PATCH_NUMEL", 27 * 36 * 2)  # 2 samples a chunk
+        torch.testing.assert_close(layer(x), whole, rtol=0, atol=0)
+    torch.testing.assert_close(layer(x).detach(), whole, rtol=0, atol=0)

@@ -75,6 +75,9 @@ def fold(dxt: torch.Tensor, x_shape: torch.Size, geometry: tuple) -> torch.Tenso
     return g[:, :, ph: ph + H, pw: pw + W]
 
 
+_EVAL_PATCH_NUMEL = 1 << 24  # patch numbers unfolded at once without autograd (64 MiB float32)
+
+
 class _SparseConvFn(torch.autograd.Function):
     """Yᵀ (N, B·P) = W Xᵀ over the patches Xᵀ = patches(x). Saves x, not its K/C times larger
     patches (autograd usually holds x anyway, e.g. for the ReLU before the conv), and extracts
@@ -200,8 +203,16 @@ class SparseConv2d(CSRModule):
         if ho <= 0 or wo <= 0:
             raise ValueError(f"SparseConv2d: input {tuple(x.shape)} is smaller than the "
                              f"(dilated) kernel {self.kernel_size}")
-        yt = _SparseConvFn.apply(x.to(compute), self.values.to(compute), self._geometry(),
-                                 self.crow, self.col, self.ccol, self.row_t, self.perm)  # (N, B·P)
+        x, w = x.to(compute), self.values.to(compute)
+        csr = (self.crow, self.col, self.ccol, self.row_t, self.perm)
+        if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad):
+            yt = _SparseConvFn.apply(x, w, self._geometry(), *csr)  # (N, B·P)
+        else:
+            # Without a graph, nothing has to outlive a chunk: unfold a few samples at a time,
+            # so evaluation batches (e.g. 1000) never hold all of their patches at once.
+            per = max(1, _EVAL_PATCH_NUMEL // (self.n_cols * ho * wo))
+            yt = torch.cat([_SparseConvFn.apply(x[b0:b0 + per], w, self._geometry(), *csr)
+                            for b0 in range(0, B, per)], dim=1)  # (N, B·P), sample-major columns
         y = yt.view(self.out_channels, B, ho, wo)
         if self.bias is not None:
             y = y + self.bias.to(compute)[:, None, None, None]
