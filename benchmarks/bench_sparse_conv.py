@@ -11,22 +11,23 @@ alike; ratios are against dense nn.Conv2d measured in the same run. Dense and ma
 depend on the density (a masked conv is a dense conv plus a mask on the gradient), so they are
 measured once per shape.
 
-Memory (bytes, not RSS): `state` = the layer's persistent tensors (weights or values, their
-gradient, the momentum buffer, the mask or the CSR indices); `step peak` = the peak, over one
-step, of bytes allocated by torch's CPU allocator above what was live before it (the input batch
-and its gradient, activations, unfolded patches, temporaries), from torch.profiler's memory
-events; `peak` = state + step peak. RSS is not used: glibc keeps freed blocks, so RSS deltas
-between configurations in one process are meaningless.
+Memory: `state` = bytes of the layer's persistent tensors (weights or values, their gradient,
+the momentum buffer, the mask or the CSR indices); `step peak` = the rise of the resident set
+during one step: the kernel's peak-RSS mark (VmHWM) is reset (/proc/self/clear_refs) before the
+step and read after it, minus the RSS before it (median over the timed steps). It covers the
+activations, unfolded patches, gradients and every temporary. glibc is told (mallopt) to serve
+every block of 64 KiB or more by mmap and return it on free, so freed memory is not silently
+reused from the heap and each configuration's peak is its own; `peak` = state + step peak.
 """
 from __future__ import annotations
 
 import argparse
+import ctypes
 import statistics
 import time
 
 import torch
 from torch import nn
-from torch.profiler import ProfilerActivity, profile
 
 from sparsegrow.layers.sparse_conv import SparseConv2d
 from sparsegrow.topology import MaskedParam, sample_inactive
@@ -90,16 +91,22 @@ def state_bytes(layer, opt) -> int:
     return total
 
 
-def step_peak_bytes(layer, opt, mask, x) -> int:
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step(layer, opt, mask, x)
-    events = sorted((e.time_range.start, e.cpu_memory_usage) for e in prof.events()
-                    if e.name == "[memory]")
-    live = peak = 0
-    for _, delta in events:
-        live += delta
-        peak = max(peak, live)
-    return peak
+def _status(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(field)
+
+
+def timed_step(layer, opt, mask, x) -> tuple[float, int]:
+    """(seconds, peak RSS rise in bytes) of one step."""
+    rss0 = _status("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset VmHWM to the current RSS
+    t0 = time.perf_counter()
+    step(layer, opt, mask, x)
+    return time.perf_counter() - t0, _status("VmHWM") - rss0
 
 
 def measure(shape, densities, repeats, gen):
@@ -108,18 +115,20 @@ def measure(shape, densities, repeats, gen):
     configs = [("dense", None), ("masked", densities[0])] + [("sparse", d) for d in densities]
     built = {c: build(c[0], c_in, c_out, k, stride, c[1] if c[1] else 1.0, gen) for c in configs}
     times = {c: [] for c in configs}
+    peaks = {c: [] for c in configs}
     for c in configs:  # warm-up (first-call costs, page-in)
         step(*built[c], x)
     for _ in range(repeats):  # interleaved
         for c in configs:
-            t0 = time.perf_counter()
-            step(*built[c], x)
-            times[c].append(time.perf_counter() - t0)
+            t, peak = timed_step(*built[c], x)
+            times[c].append(t)
+            peaks[c].append(peak)
     rows = []
     for c in configs:
-        layer, opt, mask = built[c]
+        layer, opt, _ = built[c]
         rows.append({"config": c, "time": statistics.median(times[c]),
-                     "state": state_bytes(layer, opt), "step_peak": step_peak_bytes(*built[c], x)})
+                     "state": state_bytes(layer, opt), "step_peak": statistics.median(peaks[c])})
+    del built
     return rows
 
 
@@ -133,6 +142,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    ctypes.CDLL("libc.so.6").mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD: see the docstring
     gen = torch.Generator().manual_seed(0)
     mib = 1 / 2**20
     print(f"B={B}, threads={args.threads}, torch {torch.__version__}; time = median ms per "
