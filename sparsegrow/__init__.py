@@ -14,10 +14,11 @@ from . import search_grow  # registers grow criterion and method "search"
 from .dst import DSTSparsifier, build_dst
 from .layers.dst import DSTConv2d, DSTLinear
 from .layers.sparse_linear import SparseLinear, to_masked, to_sparse  # registers storage "sparse"
+from .layers.sparse_conv import SparseConv2d
 from .export import export_sparse, load_sparse
 
 __all__ = [
     "DISTRIBUTIONS", "DROP", "DSTConv2d", "DSTLinear", "DSTSparsifier", "GROW", "METHODS", "STORAGES", "GrowContext", "MaskedParam",
-    "SparseLinear", "SparseParam", "Sparsifier", "UpdateSchedule", "build_dst", "export_sparse", "layer_counts", "load_sparse", "layer_densities", "register_optimizer", "sparsify", "to_masked", "to_sparse",
+    "SparseConv2d", "SparseLinear", "SparseParam", "Sparsifier", "UpdateSchedule", "build_dst", "export_sparse", "layer_counts", "load_sparse", "layer_densities", "register_optimizer", "sparsify", "to_masked", "to_sparse",
 ]
 __version__ = "0.1.0"

@@ -3,8 +3,10 @@
 Masked storage needs nothing of a module's forward: a gradient hook on the weight keeps inactive
 weights at zero wherever the weight is used. Two things do need it:
 
-  - truly sparse storage replaces an nn.Linear by a SparseLinear that has no `.weight`, so any
-    other code reading `module.weight` fails (inside torch, far from the cause);
+  - truly sparse storage replaces an nn.Linear by a SparseLinear and an nn.Conv2d by a
+    SparseConv2d (groups=1, zero padding; others are refused by SparseConv2d itself), neither of
+    which has a `.weight`, so any other code reading `module.weight` fails (inside torch, far
+    from the cause). Both are allowed wherever their own forward applies the weight;
   - search grow reads a layer's input X and output gradient dZ through a forward hook on the
     module, so the weight must be applied by that module's own forward as z = x Wᵀ (or a conv).
 
@@ -65,8 +67,8 @@ def check(model: nn.Module, chosen: list[str], *, replaces_module: bool, needs_r
         bad = [f for f in chosen if f in uses]
         if bad:
             raise ValueError(
-                f"storage={storage!r} replaces each nn.Linear by a SparseLinear without a dense "
-                f".weight, but {_describe(bad, uses)}: use storage='masked', or leave them out "
+                f"storage={storage!r} replaces each nn.Linear / nn.Conv2d by a SparseLinear / "
+                f"SparseConv2d without a dense .weight, but {_describe(bad, uses)}: use storage='masked', or leave them out "
                 "with include=[...] (or an include filter)")
     if needs_rows:
         bad = [f for f in chosen if f in uses and uses[f].always]

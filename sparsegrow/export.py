@@ -6,7 +6,7 @@
     model = sparsegrow.load_sparse("model.safetensors", skeleton)
 
 The file is safetensors. Per sparse weight `<fqn>` (a masked weight, i.e. one whose module holds
-`<name>_mask`, or a SparseLinear's weight):
+`<name>_mask`, or a SparseLinear's / SparseConv2d's weight):
     <fqn>.values   (nnz,)  the active weights, in the order of the sorted flat indices
     <fqn>.indices  (nnz,)  their flat indices into the dense shape, int32 where they fit
 Every other tensor of the model's state_dict is stored as is (masks and CSR buffers are not).
@@ -14,8 +14,9 @@ The header's metadata "sparsegrow" is JSON: {"format": 1, "sparse": {fqn: {"shap
 "metadata": <the caller's dict>} (e.g. the run's config, to rebuild the architecture).
 
 `load_sparse` fills a skeleton of the same architecture: a Linear whose weight is used by its own
-forward becomes a SparseLinear (values + CSR); every other sparse weight (Conv2d, attention
-projections) is written densely with zeros in place into the plain module. No mask, hook or
+forward becomes a SparseLinear (values + CSR), a Conv2d (groups=1, zero padding) a SparseConv2d;
+every other sparse weight (grouped convolutions, attention projections) is written densely with
+zeros in place into the plain module. No mask, hook or
 Sparsifier is involved; the model is returned in eval mode.
 """
 from __future__ import annotations
@@ -27,7 +28,8 @@ import torch
 from torch import nn
 
 from .coverage import outside_uses
-from .layers.sparse_linear import SparseLinear, _replace_module
+from .layers.sparse_conv import SparseConv2d
+from .layers.sparse_linear import CSRModule, SparseLinear, _replace_module
 from .topology import mask_buffer_name
 
 FORMAT = 1
@@ -38,7 +40,7 @@ def sparse_weights(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tens
     out = {}
     for name, m in model.named_modules():
         prefix = f"{name}." if name else ""
-        if isinstance(m, SparseLinear):
+        if isinstance(m, CSRModule):
             out[prefix + "weight"] = (m.values.detach(), m.active(), m.shape)
             continue
         for p_name, p in m.named_parameters(recurse=False):
@@ -67,7 +69,7 @@ def export_sparse(model: nn.Module, path: str | Path, metadata: dict | None = No
         skip.add(fqn)
     for name, m in model.named_modules():
         prefix = f"{name}." if name else ""
-        if isinstance(m, SparseLinear):
+        if isinstance(m, CSRModule):
             skip.update(prefix + k for k in ("values", "crow", "col"))
         for p_name in m._parameters:
             skip.add(prefix + mask_buffer_name(p_name))
@@ -114,10 +116,18 @@ def load_sparse(path: str | Path, model: nn.Module, device=None) -> nn.Module:
         idx = tensors.pop(f"{fqn}.indices").long()
         mod_name, _, p_name = fqn.rpartition(".")
         module = model.get_submodule(mod_name)
-        if type(module) is nn.Linear and p_name == "weight" and fqn not in outside and mod_name:
+        own = p_name == "weight" and fqn not in outside and mod_name
+        conv = (type(module) is nn.Conv2d and module.groups == 1
+                and module.padding_mode == "zeros")
+        if own and (type(module) is nn.Linear or conv):
             bias = tensors.pop(f"{mod_name}.bias", None)
-            layer = SparseLinear(shape[1], shape[0], idx, values,
-                                 bias if bias is not None else False, device=values.device)
+            bias = bias if bias is not None else False
+            if conv:
+                layer = SparseConv2d(shape[1], shape[0], module.kernel_size, idx, values, bias,
+                                     stride=module.stride, padding=module.padding,
+                                     dilation=module.dilation, device=values.device)
+            else:
+                layer = SparseLinear(shape[1], shape[0], idx, values, bias, device=values.device)
             _replace_module(model, mod_name, layer)
             state.update({f"{mod_name}.{k}": v for k, v in layer.state_dict().items()})
         else:  # written densely, zeros in place: a plain module

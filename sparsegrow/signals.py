@@ -59,6 +59,12 @@ def _hash_rows(R: int, s: int, generator: torch.Generator, device, dtype):
     return bucket, sign
 
 
+def is_conv2d(module: nn.Module) -> bool:
+    """nn.Conv2d, or a layer that applies its weight as one (SparseConv2d: `conv2d_like`), with
+    kernel_size, stride, padding, dilation, groups and padding_mode like nn.Conv2d's."""
+    return isinstance(module, nn.Conv2d) or getattr(module, "conv2d_like", False)
+
+
 def _conv_padding(conv: nn.Conv2d) -> tuple[int, int]:
     if isinstance(conv.padding, str):
         if conv.padding == "valid":
@@ -87,7 +93,7 @@ def conv_rows(conv: nn.Conv2d, x: torch.Tensor, dz: torch.Tensor):
 
 def check_module(module: nn.Module, shape: torch.Size, fqn: str) -> None:
     """Search grow reads Linear-like layers (2-D weight) and plain Conv2d."""
-    if isinstance(module, nn.Conv2d):
+    if is_conv2d(module):
         if module.groups != 1:
             raise ValueError(f"search grow: {fqn} is a grouped Conv2d (groups={module.groups}); "
                              "only groups=1 is supported")
@@ -202,7 +208,7 @@ class LayerSignal:
     def _capture(self, x: torch.Tensor, g: torch.Tensor) -> None:
         self._captured = True
         if self.sketch_dim and (self.accumulate or g.numel() // self.N > self.sketch_dim):
-            if isinstance(self.module, nn.Conv2d) and self._sketch_conv(x, g):
+            if is_conv2d(self.module) and self._sketch_conv(x, g):
                 return
             for Z, X in self._row_chunks(x, g):
                 self._sketch = sketch_rows(Z.float(), X.float(), self.sketch_dim,
@@ -229,7 +235,7 @@ class LayerSignal:
 
     def _row_chunks(self, x: torch.Tensor, g: torch.Tensor):
         """(dZ rows, X rows) of one forward, a few samples at a time for Conv2d."""
-        if isinstance(self.module, nn.Conv2d):
+        if is_conv2d(self.module):
             per = max(1, _CHUNK_ROWS // max(1, g.shape[2] * g.shape[3]))
             for b0 in range(0, x.shape[0], per):
                 yield conv_rows(self.module, x[b0:b0 + per], g[b0:b0 + per])

@@ -359,6 +359,23 @@ class MaxNumel(TorchDispatchMode):
         return out
 
 
+def every_stage(layer, x: torch.Tensor, gen: torch.Generator) -> None:
+    """Forward, backward, Adam step, magnitude drop + random grow of 1000, checkpoint round
+    trip and evaluation of a truly sparse layer (SparseLinear or SparseConv2d)."""
+    p = sl.SparseLinearParam("w", layer)
+    optimizer = torch.optim.Adam(layer.parameters(), lr=1e-3)
+    layer(x).square().sum().backward()
+    optimizer.step()
+    a = p.active()
+    drop = a[DROP.get("magnitude")().select(p.values(a), 1000, gen)]
+    kept = a[~torch.isin(a, drop)]
+    grow = GROW.get("random")().select(GrowContext(p, kept, 1), 1000, gen)
+    p.update(drop, grow, torch.zeros(1000), optimizer)
+    layer.load_state_dict(copy.deepcopy(layer.state_dict()))
+    with torch.no_grad():
+        layer(x)
+
+
 def test_no_dense_tensor_at_any_stage():
     """A 2^20 x 2^20 layer (4 TiB dense in float32) at ~2^-20 density: construction, forward,
     backward, Adam step, drop + random grow, checkpoint and evaluation stay O(nnz + B * width)."""
@@ -370,20 +387,7 @@ def test_no_dense_tensor_at_any_stage():
     with MaxNumel() as mode:
         active = sample_inactive(n * m, EMPTY, nnz, gen)
         layer = sl.SparseLinear(m, n, active, generator=gen)
-        p = sl.SparseLinearParam("w", layer)
-        optimizer = torch.optim.Adam(layer.parameters(), lr=1e-3)
-        x = torch.randn(batch, m, generator=gen)
-        layer(x).square().sum().backward()
-        optimizer.step()
-        a = p.active()
-        drop = a[DROP.get("magnitude")().select(p.values(a), 1000, gen)]
-        kept = a[~torch.isin(a, drop)]
-        grow = GROW.get("random")().select(GrowContext(p, kept, 1), 1000, gen)
-        p.update(drop, grow, torch.zeros(1000), optimizer)
-        state = copy.deepcopy(layer.state_dict())
-        layer.load_state_dict(state)
-        with torch.no_grad():
-            layer(x)
+        every_stage(layer, torch.randn(batch, m, generator=gen), gen)
     assert_valid_csr(layer, nnz)
     assert mode.max_bytes <= bound, f"{mode.max_op} made a tensor of {mode.max_bytes} bytes"
 
@@ -432,8 +436,8 @@ def test_dtype_device_and_kind_mismatch():
         layer(torch.randn(2, 6, device="meta"))
     with pytest.raises(ValueError, match=r"\(\.\.\., 6\)"):
         layer(torch.randn(2, 7))
-    conv = nn.Sequential(nn.Conv2d(3, 4, 3))
-    with pytest.raises(ValueError, match="nn.Linear weights only"):
+    conv = nn.Sequential(nn.Conv2d(4, 4, 3, groups=2))  # plain Conv2d works: test_sparse_conv
+    with pytest.raises(ValueError, match="0.weight.*groups=2"):
         sparsegrow.sparsify(conv, 0.5, method="static", storage="sparse")
     with pytest.raises(ValueError, match="sorted"):
         sl.SparseLinear(6, 5, torch.tensor([3, 1]))

@@ -41,7 +41,7 @@ from .build import build_optimizer, build_sparsifier, lr_at, resolve_device
 from .config import Config, ConfigError, check_resumable, dump_config, from_dict, read_yaml
 from .data import load_dataset, steps_per_epoch
 from .launch import World, all_sum, init_from_env, local_share, shutdown
-from .models import build_model
+from .models import _init_conv_bn, build_model
 from .results import (CorruptFileError, MetricsLog, atomic_torch_save, atomic_write_json,
                       atomic_write_text, load_checkpoint, read_json)
 
@@ -84,6 +84,29 @@ def evaluate(model, data, batch_size: int, device, dtype=torch.float32) -> tuple
         n += len(yb)
     model.train()
     return loss_sum / n, correct / n
+
+
+def materialise_dense(model: torch.nn.Module) -> list[str]:
+    """Allocate, on the CPU, the parameters and buffers a meta-device model still holds on meta
+    (BatchNorm, layers left dense) and initialise them with their module's reset_parameters()
+    (BatchNorm: weight 1, bias 0, fresh running statistics; Linear/Conv2d: PyTorch's default).
+    Module by module: the truly sparse layers, already real, are left alone. Returns the names
+    of the modules materialised; a module with meta tensors and no reset_parameters is an error."""
+    done = []
+    for name, m in model.named_modules():
+        own = list(m._parameters.values()) + list(m._buffers.values())
+        if not any(t is not None and t.is_meta for t in own):
+            continue
+        reset = getattr(m, "reset_parameters", None)
+        if reset is None:
+            raise ConfigError(f"sparsity.storage=sparse builds the model on the meta device; "
+                              f"{name or 'the model'} ({type(m).__name__}) has dense tensors but no "
+                              "reset_parameters() to initialise them: use storage=masked")
+        m.to_empty(device="cpu", recurse=False)
+        with torch.no_grad():
+            reset()
+        done.append(name)
+    return done
 
 
 def read_run_config(run_dir: str | Path) -> Config | None:
@@ -180,16 +203,15 @@ def _train(cfg: Config, run_dir: Path, resume: bool, progress: bool, device: tor
     total_steps = spe * t.epochs
     if cfg.sparsity.storage == "sparse":
         # Truly sparse layers: build on the meta device so no dense weight is ever allocated;
-        # the sparsifier replaces the chosen Linear layers, then the rest is materialised.
+        # the sparsifier replaces the chosen Linear and Conv2d layers by SparseLinear /
+        # SparseConv2d, then the dense rest (BatchNorm, unchosen layers) is materialised.
         with torch.device("meta"):
             model = build_model(cfg.model.name, data.input_shape, data.num_classes, **cfg.model.kwargs)
         sparsifier = build_sparsifier(cfg, model, spe)
-        left = [n for n, p in list(model.named_parameters()) + list(model.named_buffers())
-                if p.is_meta]
-        if left:
-            raise ConfigError(f"sparsity.storage=sparse turns Linear layers into truly sparse ones; "
-                              f"{left[:5]} would stay dense and uninitialised: use a model whose "
-                              "parameters are all in sparse Linear layers, or storage=masked")
+        materialise_dense(model)
+        _init_conv_bn(model)  # the models' conv/BN init, at the active weights of sparse convs
+        if cfg.sparsity.sparse_init:  # the re-init above undid the sparsifier's scaling
+            sparsifier._scale_init_to_active_fan_in()
         model.to(device, dtype)
     else:
         model = build_model(cfg.model.name, data.input_shape, data.num_classes, **cfg.model.kwargs)

@@ -18,12 +18,14 @@ References: LeNet-300-100 (LeCun et al. 1998); SET's 784-1000-1000-1000-10 MLP (
 from __future__ import annotations
 
 import inspect
+import math
 from typing import Callable, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from sparsegrow.layers.sparse_conv import SparseConv2d
 from sparsegrow.registry import Registry
 
 Builder = Callable[..., nn.Module]
@@ -82,6 +84,11 @@ def _init_conv_bn(module: nn.Module) -> None:
         elif isinstance(m, nn.BatchNorm2d):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
+        elif isinstance(m, SparseConv2d):  # the same law at the active weights (storage=sparse)
+            fan_out = m.out_channels * math.prod(m.kernel_size)
+            nn.init.normal_(m.values, 0.0, math.sqrt(2.0 / fan_out))
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
 
 
 # --------------------------------------------------------------------------------------------

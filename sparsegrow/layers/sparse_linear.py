@@ -64,14 +64,29 @@ class _SparseLinearFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         xt, values, crow, col, ccol, row_t, perm = ctx.saved_tensors
-        dyt = dy.t().contiguous()  # (N, B)
-        dx = dv = None
-        if ctx.needs_input_grad[0]:
-            # dX^T (M, B) = W^T dY^T, with W^T in CSR = (ccol, row_t, values[perm])
-            dx = kernels.spmm(ccol, row_t, values[perm], dyt, ccol.numel() - 1).t()
-        if ctx.needs_input_grad[1]:
-            dv = kernels.sddmm(crow, col, dyt, xt)  # (nnz,)
-        return dx, dv, None, None, None, None, None
+        dxt, dv = csr_grads(dy.t().contiguous(), lambda: xt, ctx.needs_input_grad[:2], values,
+                            crow, col, ccol, row_t, perm)
+        return (dxt.t() if dxt is not None else None), dv, None, None, None, None, None
+
+
+def _to(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """t in dtype; no cast op when it already is (a no-op .to still costs a dispatch)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def csr_grads(dyt: torch.Tensor, xt_fn, needs: tuple[bool, bool], values, crow, col, ccol,
+              row_t, perm) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(dX^T (M, B), dW at the nnz (nnz,)) of Y^T = W X^T from dY^T (N, B), as needed.
+
+    xt_fn() gives X^T (M, B) (saved, or recomputed by SparseConv2d); it is called first and
+    dropped before dX^T is made, so the two never coexist."""
+    dxt = dv = None
+    if needs[1]:
+        dv = kernels.sddmm(crow, col, dyt, xt_fn())  # (nnz,)
+    if needs[0]:
+        # dX^T (M, B) = W^T dY^T, with W^T in CSR = (ccol, row_t, values[perm])
+        dxt = kernels.spmm(ccol, row_t, values[perm], dyt, ccol.numel() - 1)
+    return dxt, dv
 
 
 def _check_active(active: torch.Tensor, numel: int, what: str = "active") -> None:
@@ -85,27 +100,51 @@ def _check_active(active: torch.Tensor, numel: int, what: str = "active") -> Non
             raise ValueError(f"{what} must be sorted and free of duplicates")
 
 
-class SparseLinear(nn.Module):
-    """y = x W^T + b with W (out_features, in_features) stored as CSR values + indices.
+def compute_dtypes(x: torch.Tensor, w: torch.Tensor, what: str) -> tuple[torch.dtype, torch.dtype]:
+    """(dtype the kernels compute in, dtype returned) for input x and weights w, as nn.Linear /
+    nn.Conv2d would return under autocast; a clear error for mismatched dtypes or devices."""
+    dev = x.device.type
+    if x.device != w.device:
+        out_dtype = None
+    elif torch.is_autocast_enabled(dev) and x.dtype in _AUTOCAST and w.dtype in _AUTOCAST:
+        out_dtype = torch.get_autocast_dtype(dev)  # what nn.Linear returns under autocast
+    else:
+        out_dtype = w.dtype if x.dtype == w.dtype else None
+    if out_dtype is None:
+        raise ValueError(f"{what} holds {w.dtype} weights on {w.device}, got input "
+                         f"{x.dtype} on {x.device}; move the layer or the input "
+                         "(layer.to(...)), or mix float32/bfloat16/float16 only under "
+                         "torch.autocast")
+    # The kernels compute in float32 (float64 for float64 weights): bfloat16/float16 inputs
+    # and weights are widened (exactly), the bias is added in that precision too, and the
+    # output is rounded once to out_dtype, as nn.Linear's addmm does. (Rounding before the
+    # bias add would flip the sign of small pre-activations, and with it ReLU's mask.)
+    return (torch.float64 if w.dtype == torch.float64 else torch.float32), out_dtype
 
-    active: sorted flat indices j * in_features + i of the connections, (nnz,).
-    values: their initial weights (nnz,); default nn.Linear's U(-1/sqrt(in), 1/sqrt(in)).
+
+class CSRModule(nn.Module):
+    """What every truly sparse layer shares: a weight matrix W (n_rows, n_cols) stored as CSR
+    values + indices, its topology, checkpoints, and the product `_matmul` (x (R, n_cols) ->
+    (R, n_rows)). SparseLinear has n_rows, n_cols = out, in; SparseConv2d has out_channels,
+    in_channels * kh * kw (the order of nn.Conv2d's weight.view(out, -1)).
+
+    active: sorted flat indices row * n_cols + col of the connections, (nnz,).
+    values: their initial weights (nnz,); default U(-1/sqrt(n_cols), 1/sqrt(n_cols)), the
+        default of nn.Linear and nn.Conv2d (fan_in = n_cols).
     min_per_row: every output unit must keep at least this many inputs (checked at construction
         and after every topology update; 0 allows empty rows).
     """
 
-    def __init__(self, in_features: int, out_features: int, active: torch.Tensor,
-                 values: torch.Tensor | None = None, bias: bool | torch.Tensor = True, *,
-                 min_per_row: int = 0, generator: torch.Generator | None = None,
-                 device=None, dtype=None):
-        super().__init__()
-        self.in_features, self.out_features = int(in_features), int(out_features)
+    def _init_csr(self, n_rows: int, n_cols: int, active: torch.Tensor,
+                  values: torch.Tensor | None, bias: bool | torch.Tensor, min_per_row: int,
+                  generator: torch.Generator | None, device, dtype) -> None:
+        self.n_rows, self.n_cols = int(n_rows), int(n_cols)
         self.min_per_row = int(min_per_row)
         device = torch.device(device) if device is not None else active.device
         dtype = dtype or (values.dtype if values is not None else torch.get_default_dtype())
         active = active.to(device)
-        _check_active(active, self.in_features * self.out_features)
-        bound = 1.0 / math.sqrt(self.in_features)
+        _check_active(active, self.n_rows * self.n_cols)
+        bound = 1.0 / math.sqrt(self.n_cols)
         if values is None:
             u = torch.rand(active.numel(), generator=generator, dtype=dtype)
             values = ((2 * u - 1) * bound).to(device)
@@ -113,11 +152,11 @@ class SparseLinear(nn.Module):
             raise ValueError(f"values {tuple(values.shape)} must match active {tuple(active.shape)}")
         self.values = nn.Parameter(values.detach().to(device=device, dtype=dtype).clone())
         if isinstance(bias, torch.Tensor):
-            if bias.shape != (self.out_features,):
-                raise ValueError(f"bias must have shape ({self.out_features},), got {tuple(bias.shape)}")
+            if bias.shape != (self.n_rows,):
+                raise ValueError(f"bias must have shape ({self.n_rows},), got {tuple(bias.shape)}")
             self.bias = nn.Parameter(bias.detach().to(device=device, dtype=dtype).clone())
         elif bias:
-            u = torch.rand(self.out_features, generator=generator, dtype=dtype)
+            u = torch.rand(self.n_rows, generator=generator, dtype=dtype)
             self.bias = nn.Parameter(((2 * u - 1) * bound).to(device))
         else:
             self.register_parameter("bias", None)
@@ -128,51 +167,35 @@ class SparseLinear(nn.Module):
                                  persistent=False)
         self._set_topology(active)
 
-    # -- construction / conversion -----------------------------------------------------------
-
-    @classmethod
-    def from_dense(cls, linear: nn.Linear, active: torch.Tensor, **kwargs) -> "SparseLinear":
-        """The weights of `linear` at `active` (a meta-device Linear gets the default init)."""
-        w = linear.weight
-        bias = linear.bias
-        if w.device.type == "meta":
-            return cls(linear.in_features, linear.out_features, active.cpu(), None,
-                       bias is not None, dtype=w.dtype, device="cpu", **kwargs)
-        active = active.to(w.device)
-        return cls(linear.in_features, linear.out_features, active,
-                   w.detach().reshape(-1)[active], bias.detach() if bias is not None else False,
-                   **kwargs)
-
-    def to_dense_linear(self) -> nn.Linear:
-        """An nn.Linear holding W densely (zeros off the active set): only where it fits."""
-        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                        device=self.values.device, dtype=self.values.dtype)
-        with torch.no_grad():
-            lin.weight.zero_()
-            lin.weight.view(-1)[self.active()] = self.values.detach()
-            if self.bias is not None:
-                lin.bias.copy_(self.bias)
-        return lin
+    def _matmul(self, x: torch.Tensor, compute: torch.dtype) -> torch.Tensor:
+        """x (R, n_cols) -> x W^T (R, n_rows) in `compute`, the transpose of a contiguous
+        (n_rows, R); x may itself be the transpose of a contiguous (n_cols, R) (then free)."""
+        return _SparseLinearFn.apply(_to(x, compute), _to(self.values, compute), self.crow,
+                                     self.col, self.ccol, self.row_t, self.perm)
 
     # -- topology ----------------------------------------------------------------------------
 
     @property
     def shape(self) -> torch.Size:
-        return torch.Size((self.out_features, self.in_features))
+        raise NotImplementedError
 
     def nnz(self) -> int:
         return self.values.numel()
 
     def density(self) -> float:
-        return self.nnz() / (self.out_features * self.in_features)
+        return self.nnz() / (self.n_rows * self.n_cols)
 
     def rows(self) -> torch.Tensor:
         """Row (output unit) of every nnz, (nnz,)."""
         return kernels.rows_of(self.crow)
 
     def active(self) -> torch.Tensor:
-        """Sorted flat indices row * in_features + col, (nnz,)."""
-        return self.rows() * self.in_features + self.col
+        """Sorted flat indices row * n_cols + col, (nnz,)."""
+        return self.rows() * self.n_cols + self.col
+
+    def to_dense_module(self) -> nn.Module:
+        """The dense module (nn.Linear / nn.Conv2d) holding W (zeros off the active set)."""
+        raise NotImplementedError
 
     @torch.no_grad()
     def scale_to_active_fan_in(self) -> None:
@@ -182,11 +205,17 @@ class SparseLinear(nn.Module):
         each layer would shrink the signal by sqrt(d); at d = 0.001 a few layers silence it.
         """
         per_row = (self.crow[1:] - self.crow[:-1]).clamp(min=1).to(self.values.dtype)
-        scale = (self.in_features / per_row).sqrt()  # (N,)
+        scale = (self.n_cols / per_row).sqrt()  # (N,)
         self.values.mul_(scale[self.rows()])
 
+    @torch.no_grad()
+    def _fill_dense(self, weight: torch.Tensor) -> None:
+        weight.zero_()
+        weight.view(-1)[self.active()] = self.values.detach()
+
     def _set_topology(self, active: torch.Tensor) -> None:
-        n, m = self.out_features, self.in_features
+        n, m = self.n_rows, self.n_cols
+        what = type(self).__name__
         rows = torch.div(active, m, rounding_mode="floor")
         per_row = torch.bincount(rows, minlength=n)
         if self.min_per_row > 0:
@@ -213,8 +242,8 @@ class SparseLinear(nn.Module):
             else:
                 setattr(self, name, value)
         # O(nnz) validation once per topology; the kernels then recognise these exact tensors
-        kernels.check_csr(self.crow, self.col, n, m, "SparseLinear")
-        kernels.check_csr(self.ccol, self.row_t, m, n, "SparseLinear (transposed)")
+        kernels.check_csr(self.crow, self.col, n, m, what)
+        kernels.check_csr(self.ccol, self.row_t, m, n, f"{what} (transposed)")
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # The topology in the checkpoint may differ in nnz: resize before the default copy,
@@ -227,45 +256,76 @@ class SparseLinear(nn.Module):
             if src.shape != self.values.shape:
                 self.values.data = self.values.data.new_empty(src.shape)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        if self.crow.numel() != self.out_features + 1 or self.col.numel() != self.values.numel():
-            raise ValueError(f"{prefix}: checkpoint CSR does not fit a {self.out_features}x"
-                             f"{self.in_features} layer with {self.values.numel()} values")
+        if self.crow.numel() != self.n_rows + 1 or self.col.numel() != self.values.numel():
+            raise ValueError(f"{prefix}: checkpoint CSR does not fit a {self.n_rows}x"
+                             f"{self.n_cols} weight with {self.values.numel()} values")
         try:
-            kernels.check_csr(self.crow, self.col, self.out_features, self.in_features, "")
+            kernels.check_csr(self.crow, self.col, self.n_rows, self.n_cols, "")
         except ValueError as e:
             raise ValueError(f"{prefix}: checkpoint CSR is invalid{e}") from None
         self._set_topology(self.active())
+
+
+class SparseLinear(CSRModule):
+    """y = x W^T + b with W (out_features, in_features) stored as CSR values + indices.
+
+    active: sorted flat indices j * in_features + i of the connections, (nnz,).
+    values: their initial weights (nnz,); default nn.Linear's U(-1/sqrt(in), 1/sqrt(in)).
+    min_per_row: every output unit must keep at least this many inputs (checked at construction
+        and after every topology update; 0 allows empty rows).
+    """
+
+    def __init__(self, in_features: int, out_features: int, active: torch.Tensor,
+                 values: torch.Tensor | None = None, bias: bool | torch.Tensor = True, *,
+                 min_per_row: int = 0, generator: torch.Generator | None = None,
+                 device=None, dtype=None):
+        super().__init__()
+        self.in_features, self.out_features = int(in_features), int(out_features)
+        self._init_csr(out_features, in_features, active, values, bias, min_per_row, generator,
+                       device, dtype)
+
+    # -- construction / conversion -----------------------------------------------------------
+
+    @classmethod
+    def from_dense(cls, linear: nn.Linear, active: torch.Tensor, **kwargs) -> "SparseLinear":
+        """The weights of `linear` at `active` (a meta-device Linear gets the default init)."""
+        w = linear.weight
+        bias = linear.bias
+        if w.device.type == "meta":
+            return cls(linear.in_features, linear.out_features, active.cpu(), None,
+                       bias is not None, dtype=w.dtype, device="cpu", **kwargs)
+        active = active.to(w.device)
+        return cls(linear.in_features, linear.out_features, active,
+                   w.detach().reshape(-1)[active], bias.detach() if bias is not None else False,
+                   **kwargs)
+
+    def to_dense_linear(self) -> nn.Linear:
+        """An nn.Linear holding W densely (zeros off the active set): only where it fits."""
+        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                        device=self.values.device, dtype=self.values.dtype)
+        with torch.no_grad():
+            self._fill_dense(lin.weight)
+            if self.bias is not None:
+                lin.bias.copy_(self.bias)
+        return lin
+
+    to_dense_module = to_dense_linear
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((self.out_features, self.in_features))
 
     # -- forward -----------------------------------------------------------------------------
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 0 or x.shape[-1] != self.in_features:
             raise ValueError(f"SparseLinear expects (..., {self.in_features}) input, got {tuple(x.shape)}")
-        w = self.values
-        dev = x.device.type
-        if x.device != w.device:
-            out_dtype = None
-        elif torch.is_autocast_enabled(dev) and x.dtype in _AUTOCAST and w.dtype in _AUTOCAST:
-            out_dtype = torch.get_autocast_dtype(dev)  # what nn.Linear returns under autocast
-        else:
-            out_dtype = w.dtype if x.dtype == w.dtype else None
-        if out_dtype is None:
-            raise ValueError(f"SparseLinear holds {w.dtype} weights on {w.device}, got input "
-                             f"{x.dtype} on {x.device}; move the layer or the input "
-                             "(layer.to(...)), or mix float32/bfloat16/float16 only under "
-                             "torch.autocast")
-        # The kernels compute in float32 (float64 for float64 weights): bfloat16/float16 inputs
-        # and weights are widened here (exactly), the bias is added in that precision too, and
-        # the output is rounded once to out_dtype, as nn.Linear's addmm does. (Rounding before
-        # the bias add would flip the sign of small pre-activations, and with it ReLU's mask.)
+        compute, out_dtype = compute_dtypes(x, self.values, "SparseLinear")
         # The casts are autograd ops, so dX and dW come back in x's and the weights' dtypes.
-        compute = torch.float64 if w.dtype == torch.float64 else torch.float32
-        wide = lambda t: t if t.dtype == compute else t.to(compute)  # noqa: E731
         lead = x.shape[:-1]
-        y = _SparseLinearFn.apply(wide(x.reshape(-1, self.in_features)), wide(w),
-                                  self.crow, self.col, self.ccol, self.row_t, self.perm)
+        y = self._matmul(x.reshape(-1, self.in_features), compute)
         if self.bias is not None:
-            y = y + wide(self.bias)
+            y = y + _to(self.bias, compute)
         if out_dtype != compute:
             y = y.to(out_dtype)  # (B, N), still the transpose of a contiguous (N, B)
         return y.reshape(*lead, self.out_features)
@@ -282,11 +342,11 @@ class SparseLinearParam:
     criteria that need one (RigL's gradient grow); use random or search grow.
     """
 
-    def __init__(self, fqn: str, module: SparseLinear):
+    def __init__(self, fqn: str, module: CSRModule):
         self.fqn = fqn
         self.module = module
         self.shape = module.shape
-        self.numel = module.out_features * module.in_features
+        self.numel = module.n_rows * module.n_cols
 
     @property
     def param(self) -> nn.Parameter:
@@ -372,8 +432,9 @@ class SparseLinearParam:
         """Nothing to do: inactive connections have no optimizer state."""
 
     def squash(self, model: nn.Module) -> None:
-        """Replace the SparseLinear by an nn.Linear holding W densely (only where it fits)."""
-        _replace_module(model, self.fqn.rpartition(".")[0], self.module.to_dense_linear())
+        """Replace the sparse layer by its dense module (nn.Linear / nn.Conv2d) holding W densely
+        (only where it fits)."""
+        _replace_module(model, self.fqn.rpartition(".")[0], self.module.to_dense_module())
 
     def state_dict(self) -> dict:
         return {"active": self.active()}
@@ -397,23 +458,33 @@ class SparseLinearParam:
 
 def _replace_module(model: nn.Module, module_name: str, new: nn.Module) -> None:
     if not module_name:
-        raise ValueError("sparse storage replaces the Linear inside its parent; the model itself "
-                         "cannot be a bare nn.Linear (wrap it in nn.Sequential)")
+        raise ValueError("sparse storage replaces the layer inside its parent; the model itself "
+                         "cannot be a bare nn.Linear or nn.Conv2d (wrap it in nn.Sequential)")
     parent_name, _, child = module_name.rpartition(".")
     setattr(model.get_submodule(parent_name), child, new)
 
 
+# dense module type -> its truly sparse form's `from_dense(module, active, min_per_row=...)`;
+# sparse_conv.py adds nn.Conv2d -> SparseConv2d.from_dense
+FROM_DENSE: dict[type, object] = {nn.Linear: SparseLinear.from_dense}
+
+
 def make_sparse(model: nn.Module, fqn: str, module: nn.Module, param_name: str,
                 active: torch.Tensor, min_per_row: int = 0) -> SparseLinearParam:
-    """Replace the nn.Linear owning `fqn` inside `model` by a SparseLinear with `active`."""
-    if not isinstance(module, nn.Linear) or param_name != "weight":
-        raise ValueError(f"sparse storage handles nn.Linear weights only, not "
+    """Replace the nn.Linear / nn.Conv2d owning `fqn` inside `model` by its truly sparse form
+    (SparseLinear / SparseConv2d) with `active`."""
+    from_dense = next((f for t, f in FROM_DENSE.items() if isinstance(module, t)), None)
+    if from_dense is None or param_name != "weight":
+        raise ValueError(f"sparse storage handles nn.Linear and nn.Conv2d weights only, not "
                          f"{type(module).__name__}.{param_name} ({fqn}); use storage='masked' or "
                          "leave it out with include=...")
     if active.device.type == "meta":
         raise ValueError(f"{fqn}: the active set was sampled on the meta device; sample it on "
                          "the CPU (the Sparsifier must not pass device='meta' to sample_inactive)")
-    layer = SparseLinear.from_dense(module, active, min_per_row=min_per_row)
+    try:
+        layer = from_dense(module, active, min_per_row=min_per_row)
+    except ValueError as e:
+        raise ValueError(f"{fqn}: {e}") from None
     _replace_module(model, fqn.rpartition(".")[0], layer)
     return SparseLinearParam(fqn, layer)
 
@@ -426,15 +497,17 @@ def sparse_storage(min_per_row: int = 0):
 
 
 STORAGES.add("sparse", make_sparse,
-             "truly sparse CSR values + indices, no dense tensor (nn.Linear only)")
+             "truly sparse CSR values + indices, no dense tensor (nn.Linear and nn.Conv2d)")
 
 
-def sparse_layers(model: nn.Module) -> dict[str, SparseLinear]:
-    return {name: m for name, m in model.named_modules() if isinstance(m, SparseLinear)}
+def sparse_layers(model: nn.Module) -> dict[str, CSRModule]:
+    """{name: layer} of every truly sparse layer (SparseLinear, SparseConv2d) in `model`."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, CSRModule)}
 
 
 def to_masked(model: nn.Module) -> dict[str, MaskedParam]:
-    """Replace every SparseLinear in `model` by nn.Linear + MaskedParam, in place.
+    """Replace every SparseLinear / SparseConv2d in `model` by nn.Linear / nn.Conv2d +
+    MaskedParam, in place.
 
     Returns {fqn: MaskedParam}. The dense weights hold the same values (zeros elsewhere), so
     outputs agree up to float summation order. Only for layers whose dense form fits in memory.
@@ -442,14 +515,15 @@ def to_masked(model: nn.Module) -> dict[str, MaskedParam]:
     out = {}
     for name, layer in sparse_layers(model).items():
         active = layer.active()
-        lin = layer.to_dense_linear()
-        _replace_module(model, name, lin)
-        out[f"{name}.weight"] = MaskedParam(f"{name}.weight", lin, "weight", active)
+        dense = layer.to_dense_module()
+        _replace_module(model, name, dense)
+        out[f"{name}.weight"] = MaskedParam(f"{name}.weight", dense, "weight", active)
     return out
 
 
 def to_sparse(model: nn.Module, params: dict, min_per_row: int = 0) -> dict[str, SparseLinearParam]:
-    """Replace the nn.Linear layers named in `params` by SparseLinear, in place.
+    """Replace the nn.Linear / nn.Conv2d layers named in `params` by SparseLinear /
+    SparseConv2d, in place.
 
     params: {fqn: MaskedParam} (from `to_masked` or a masked Sparsifier's `params`) or
     {fqn: sorted flat active indices} (e.g. `Sparsifier.masks()`). Returns {fqn: SparseLinearParam}.
@@ -463,3 +537,6 @@ def to_sparse(model: nn.Module, params: dict, min_per_row: int = 0) -> dict[str,
             p.remove()  # the mask's gradient hook belongs to the dense weight we drop
         out[fqn] = make_sparse(model, fqn, module, param_name, active, min_per_row)
     return out
+
+
+from . import sparse_conv  # noqa: E402,F401  (adds nn.Conv2d to FROM_DENSE)
