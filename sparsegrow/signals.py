@@ -487,10 +487,11 @@ class GrowSignals:
         layers = {f: s.state_dict() for f, s in self.layers.items()}
         # Copies: the reduction works in place and this rank keeps its own partial sums.
         if self.spec.kind == "dense_grad":
-            grads = {f: _clone(st["sum"]) for f, st in layers.items()}
-            self._reduce_dense(grads)
-            for f, st in layers.items():
-                st["sum"] = grads[f]
+            for key in ("sum", "ema"):  # the step/window sum, and SNFS's moving average of it
+                sums = {f: _clone(st.get(key)) for f, st in layers.items()}
+                self._reduce_dense(sums)
+                for f, st in layers.items():
+                    st[key] = sums[f]
         else:
             reduced = self._reduce_rows({f: (_clone(st["raw"]), _clone(st["sketch"]))
                                          for f, st in layers.items()})
@@ -513,10 +514,10 @@ class GrowSignals:
         for f, s in self.layers.items():
             st = dict(state["layers"][f])
             if self.dist.rank != 0:  # the saved sums are global: rank 0 alone carries them on
-                for key in ("sum", "raw", "sketch"):
+                for key in _SUMMED:
                     if key in st:
                         st[key] = None
-            for key in ("sum", "raw", "sketch"):
+            for key in _SUMMED:
                 v = st.get(key)
                 if torch.is_tensor(v) or isinstance(v, tuple):
                     dev = _device_of(s)
@@ -532,6 +533,10 @@ class GrowSignals:
         for f, st in per_rank[self.dist.rank].items():
             if f in self.layers and isinstance(self.layers[f], LayerSignal):
                 self.layers[f].generator.set_state(st)
+
+
+# the parts of a layer's saved signal that are sums over ranks (reduced when saved)
+_SUMMED = ("sum", "ema", "raw", "sketch")
 
 
 def _clone(v):

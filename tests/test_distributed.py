@@ -32,6 +32,7 @@ SCENARIOS = {
     "set-masked": ("set", "masked", None),
     "set-sparse": ("set", "sparse", None),
     "rigl-masked": ("rigl", "masked", None),
+    "snfs-masked": ("snfs", "masked", None),
     "search-masked": ("search", "masked", {"backend": "exact"}),
     "search-sparse": ("search", "sparse", {"backend": "exact"}),
     "search-lsh-masked": ("search", "masked", {"backend": "lsh", "k_similar": 0.5, "bits": 2.0}),
@@ -42,6 +43,7 @@ SCENARIOS = {
 EXACT = [k for k in SCENARIOS if "sketch" not in k]  # equal to one process on the global batch
 RESUME = {  # accumulate over the window, resumed mid-window on 2 ranks
     "rigl-acc-resume": ("rigl", "masked", {"accumulate": True}),
+    "snfs-resume": ("snfs", "masked", None),  # its moving average spans updates
     "search-acc-resume": ("search", "sparse", {"backend": "exact", "accumulate": True}),
     "search-sketch-acc-resume": ("search", "masked",
                                  {"backend": "exact", "sketch_dim": 6, "accumulate": True}),
