@@ -224,10 +224,10 @@ class Sparsifier:
         chosen = select_params(model, include)
         # Masked storage keeps the module's own dense weight (any use is fine); every other
         # storage replaces the module. Search-like growth reads rows in the module's forward.
-        needs = self.grow.needs_signal if self.grow is not None else None
-        STORAGES.get(storage)  # an unknown storage is named first
+        need = self.grow.needs_signal if self.grow is not None else None  # what growth reads
+        make = STORAGES.get(storage)  # an unknown storage is named first
         coverage.check(model, [c[0] for c in chosen], replaces_module=storage != "masked",
-                       needs_rows=needs is not None and needs.kind == "rows", storage=storage,
+                       needs_rows=need is not None and need.kind == "rows", storage=storage,
                        method=method)
         dense_set = set(dense_layers)
         unknown = dense_set - {c[0] for c in chosen}
@@ -247,7 +247,6 @@ class Sparsifier:
                       for s, c in zip(shapes, counts)]
         # the active count each parameter ends with (GMP reaches it at its last pruning step)
         self._final_counts = counts
-        make = STORAGES.get(storage)
         self.params: list[SparseParam] = []
         for (fqn, module, p_name), shape, count in zip(chosen, shapes, counts):
             numel = math.prod(shape)
@@ -273,7 +272,6 @@ class Sparsifier:
         self.n_updates = 0
         self.dist.check_topology(self.params, "at construction")
         # what growth reads (dense gradient or layer rows), captured, summed and reduced here
-        need = self.grow.needs_signal if self.grow is not None else None
         self.signals = GrowSignals(need, self.updated, self.dist) if need is not None else None
         self._last_update = self.schedule.update_steps()[-1] if self.dynamic else 0
         self._arm(1)
