@@ -3,7 +3,7 @@
     sparsegrow train CONFIG [key=value ...] [--run-dir DIR] [--resume] [--no-progress]
     sparsegrow train --resume --run-dir DIR [key=value ...]      (the run's config.yaml)
     sparsegrow train CONFIG --nproc N ...    (= torchrun --nproc_per_node N -m sparsegrow train ...)
-    sparsegrow sweep SWEEP [key=value ...] [--smoke] [--dry-run]
+    sparsegrow sweep SWEEP [key=value ...] [--smoke] [--dry-run] [--jobs N] [--seeds S..] [--rows L..]
     sparsegrow report RUNS... [--per-run | --thesis | --ci] [--out FILE]
     sparsegrow plot KIND RUNS... --out FILE.png   (KIND: `sparsegrow plot --help`)
     sparsegrow export RUN_DIR --out FILE
@@ -66,7 +66,8 @@ def _cmd_sweep(args) -> int:
     from .sweep import run_sweep
 
     summaries = run_sweep(args.sweep, smoke=args.smoke, extra=args.overrides,
-                          progress=not args.no_progress, dry_run=args.dry_run, rows=args.rows)
+                          progress=not args.no_progress, dry_run=args.dry_run, rows=args.rows,
+                          seeds=args.seeds, jobs=args.jobs)
     if summaries:
         print(f"{len(summaries)} runs finished; tabulate with: sparsegrow report <output folder>")
     return 0
@@ -155,6 +156,10 @@ def make_parser() -> argparse.ArgumentParser:
     sw.add_argument("--rows", nargs="+", metavar="LABEL",
                     help="only these rows (e.g. to split a sweep across processes or machines); "
                     "takes every word after it, so put overrides before it")
+    sw.add_argument("--seeds", type=int, nargs="+", metavar="SEED", help="only these seeds")
+    sw.add_argument("--jobs", type=int, default=1, metavar="N",
+                    help="train N runs at once, one process each (set train.threads so that "
+                    "N x threads fits the cores)")
     sw.add_argument("--no-progress", action="store_true", help="no progress bars")
     sw.set_defaults(func=_cmd_sweep)
     r = sub.add_parser("report", help="markdown table of finished runs")

@@ -366,6 +366,8 @@ def _train(cfg: Config, run_dir: Path, resume: bool, progress: bool, device: tor
         "update_time_s": rep["update_time_s"], "n_updates": rep["n_updates"],
         "phases_s": phase_totals,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # Linux: KiB
+        # the process's peak of allocated CUDA memory (tensors, not the allocator's cache)
+        "peak_gpu_mib": (torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None),
         "machine": f"{platform.node()} {platform.machine()} "
         f"threads={torch.get_num_threads()} torch={torch.__version__}", "device": str(device),
     }

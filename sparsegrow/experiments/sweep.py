@@ -93,23 +93,77 @@ def load_sweep(path: str | Path, smoke: bool = False, extra: list[str] = ()) -> 
     return base, jobs
 
 
+def _run_job(args: tuple[int, Path, list[str], Path]) -> tuple[int, dict | None, str | None]:
+    """One (row, seed) in a worker process of ``run_sweep(jobs=N)`` (top level: it is pickled).
+    Returns (index, summary, None) or (index, None, the error in one line)."""
+    i, base, overrides, run_dir = args
+    try:
+        cfg = load_config(base, overrides)
+        return i, train(cfg, run_dir, resume=has_progress(run_dir), progress=False), None
+    except Exception as e:  # noqa: BLE001 -- reported with the others by _run_parallel
+        return i, None, f"{type(e).__name__}: {e}"
+
+
 def run_sweep(path: str | Path, smoke: bool = False, extra: list[str] = (), progress: bool = True,
-              dry_run: bool = False, rows: list[str] | None = None) -> list[dict]:
-    base, jobs = load_sweep(path, smoke, extra)
+              dry_run: bool = False, rows: list[str] | None = None, seeds: list[int] | None = None,
+              jobs: int = 1) -> list[dict]:
+    """Train every (row, seed) of the sweep not yet finished; returns their summaries in order.
+
+    jobs > 1 trains that many runs at once, each in its own process (spawned, so every run sets
+    its own torch threads from train.threads): runs are independent, their results identical to
+    a sequential sweep. A run that fails does not stop the others; the failures are raised
+    together at the end, naming each run.
+    """
+    base, all_jobs = load_sweep(path, smoke, extra)
+    todo = all_jobs
     if rows:
-        labels = list(dict.fromkeys(j.label for j in jobs))
+        labels = list(dict.fromkeys(j.label for j in todo))
         unknown = [r for r in rows if r not in labels]
         if unknown:
             raise ConfigError(f"--rows: unknown row label(s) {unknown}; the sweep has: {', '.join(labels)}")
-        jobs = [j for j in jobs if j.label in rows]
-    summaries = []
-    bar = tqdm(jobs, desc="sweep", disable=not progress, position=0, dynamic_ncols=True)
-    for job in bar:
-        bar.set_postfix_str(f"{job.label} seed {job.seed}")
-        if dry_run:
+        todo = [j for j in todo if j.label in rows]
+    if seeds:
+        known = sorted({j.seed for j in todo})
+        unknown = [s for s in seeds if s not in known]
+        if unknown:
+            raise ConfigError(f"--seeds: seed(s) {unknown} are not in the sweep; it has: {known}")
+        todo = [j for j in todo if j.seed in seeds]
+    if jobs < 1:
+        raise ConfigError(f"--jobs must be >= 1, got {jobs}")
+    if dry_run:
+        for job in todo:
             print(f"{job.run_dir}: {' '.join(job.overrides)}")
-            continue
-        cfg = load_config(base, job.overrides)
-        summaries.append(train(cfg, job.run_dir, resume=has_progress(job.run_dir), progress=progress))
+        return []
+    if jobs == 1:
+        summaries = []
+        bar = tqdm(todo, desc="sweep", disable=not progress, position=0, dynamic_ncols=True)
+        for job in bar:
+            bar.set_postfix_str(f"{job.label} seed {job.seed}")
+            cfg = load_config(base, job.overrides)
+            summaries.append(train(cfg, job.run_dir, resume=has_progress(job.run_dir), progress=progress))
+        bar.close()
+        return summaries
+    return _run_parallel(base, todo, jobs, progress)
+
+
+def _run_parallel(base: Path, todo: list[Job], jobs: int, progress: bool) -> list[dict]:
+    import multiprocessing as mp
+
+    results: dict[int, dict] = {}
+    failed: list[str] = []
+    bar = tqdm(total=len(todo), desc=f"sweep ({jobs} at once)", disable=not progress, dynamic_ncols=True)
+    # one process per run (maxtasksperchild=1): a run's peak_rss_mib is its own process's peak,
+    # never that of an earlier run on a reused worker
+    with mp.get_context("spawn").Pool(processes=jobs, maxtasksperchild=1) as pool:
+        work = [(i, base, j.overrides, j.run_dir) for i, j in enumerate(todo)]
+        for i, summary, err in pool.imap_unordered(_run_job, work):
+            if err is None:
+                results[i] = summary
+            else:
+                failed.append(f"{todo[i].run_dir}: {err}")
+            bar.update(1)
+            bar.set_postfix_str(f"{todo[i].label} seed {todo[i].seed}")
     bar.close()
-    return summaries
+    if failed:
+        raise RuntimeError(f"{len(failed)} of {len(todo)} sweep runs failed:\n" + "\n".join(failed))
+    return [results[i] for i in sorted(results)]
