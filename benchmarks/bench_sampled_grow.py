@@ -18,10 +18,16 @@ Quality = Σ|G| of the chosen pairs / Σ|G| of exact search's pairs; recall = sh
 pairs chosen. Cost is also given in training steps of the layer: one truly sparse step (SpMM
 forward, SpMM backward, SDDMM weight gradient at the nnz; C kernels) measured at the same size.
 Times are medians over --repeats; each repeat runs every method once, interleaved.
+
+--device cuda: the signal (Z, X), the active set and the layer step's tensors live on the GPU
+(random numbers still come from the CPU generator, as in the library); one warm-up pass of
+every method first, then each call is bracketed by torch.cuda.synchronize(). The layer step is
+then the torch.sparse kernels' (the C kernels are CPU-only). --threads does not apply.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -32,6 +38,9 @@ from sparsegrow.layers.kernels import sddmm, spmm
 from sparsegrow.search import exact_top_pairs, top_pairs
 from sparsegrow.search_grow import pair_scores
 from sparsegrow.topology import isin_sorted, sample_inactive
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _device  # noqa: E402
 
 
 def capture(path, steps, width=4096, B=128):
@@ -56,21 +65,25 @@ def real_profile(sig, W, seed=0):
 
 def layer_step_s(N, M, B, active):
     """One truly sparse training step of the layer: SpMM fwd + SpMM bwd + SDDMM at the nnz."""
-    ptr = torch.searchsorted(active, torch.arange(N + 1) * M)
+    dev = active.device
+    ptr = torch.searchsorted(active, torch.arange(N + 1, device=dev) * M)
     idx = (active % M).contiguous()
-    val = torch.randn(active.numel())
-    xt, gt = torch.randn(M, B), torch.randn(N, B)
-    rows = torch.repeat_interleave(torch.arange(N), ptr.diff())
+    val = torch.randn(active.numel()).to(dev)
+    xt, gt = torch.randn(M, B).to(dev), torch.randn(N, B).to(dev)
+    rows = torch.repeat_interleave(torch.arange(N, device=dev), ptr.diff())
     tkey, order = torch.sort(idx * N + rows)  # the transposed CSR (as the layer keeps it)
-    tptr = torch.searchsorted(tkey, torch.arange(M + 1) * N)
+    tptr = torch.searchsorted(tkey, torch.arange(M + 1, device=dev) * N)
     tidx, tval = (tkey % N).contiguous(), val[order].contiguous()
     times = []
-    for _ in range(3):
+    for i in range(4 if dev.type == "cuda" else 3):
+        _device.sync(dev)
         t0 = time.perf_counter()
         spmm(ptr, idx, val, xt, N)
         spmm(tptr, tidx, tval, gt, M)
         sddmm(ptr, idx, gt, xt)
-        times.append(time.perf_counter() - t0)
+        _device.sync(dev)
+        if dev.type != "cuda" or i > 0:  # on cuda the first is a warm-up
+            times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
 
@@ -88,29 +101,37 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+    dev = _device.resolve(args.device)
+    cuda = dev.type == "cuda"
+    if not cuda:
+        torch.set_num_threads(args.threads)
     if args.capture:
         return capture(args.capture, args.train_steps)
     sig = torch.load(args.signal)
+    if cuda:
+        print(f"# bench_sampled_grow: {_device.describe(dev)}; times synchronized, after one "
+              "warm-up pass of every method", flush=True)
     header = ("| size | density | method | time s | × exact | layer steps | recall | quality | "
               "scored | note |")
     rows = [header, "|" + "---|" * 10]
     print("\n".join(rows), flush=True)
     for W in args.sizes:
-        Z, X = real_profile(sig, W)
+        Z, X = (t.to(dev) for t in real_profile(sig, W))
         for d in args.densities:
             active = sample_inactive(W * W, torch.empty(0, dtype=torch.long), int(d * W * W),
-                                     torch.Generator().manual_seed(1))
+                                     torch.Generator().manual_seed(1), dev)
             n = int(round(args.fraction * active.numel()))
             methods = ["exact", "random", "auto"] + [
                 f"sample-{s}:{c:g}" for s in args.samplers for c in args.candidates
                 if c * n <= args.max_draws]
             times = {m: [] for m in methods}
             out, info = {}, {}
-            for _ in range(args.repeats):
+            for r in range(args.repeats + (1 if cuda else 0)):  # on cuda: a warm-up pass first
                 for m in methods:
                     gen = torch.Generator().manual_seed(2)
+                    _device.sync(dev)
                     t0 = time.perf_counter()
                     if m == "exact":
                         idx, _, inf = exact_top_pairs(Z, X, n, active, gen)
@@ -122,7 +143,9 @@ def main():
                         b, c = m.split(":")
                         idx, _, inf = top_pairs(Z, X, n, active, gen, b,
                                                 backend_options={"candidates": float(c)})
-                    times[m].append(time.perf_counter() - t0)
+                    _device.sync(dev)
+                    if not cuda or r > 0:
+                        times[m].append(time.perf_counter() - t0)
                     out[m], info[m] = idx, inf
             step = layer_step_s(W, W, Z.shape[0], active)
             best = float(pair_scores(Z, X, out["exact"]).sum())
@@ -146,7 +169,8 @@ def main():
     if args.out:
         with open(args.out, "a") as f:
             f.write(f"\n`python benchmarks/bench_sampled_grow.py {' '.join(sys.argv[1:])}`  \n"
-                    f"threads {args.threads}, B = {Z.shape[0]}, update fraction {args.fraction}, "
+                    f"{'device ' + _device.describe(dev) if cuda else f'threads {args.threads}'}, "
+                    f"B = {Z.shape[0]}, update fraction {args.fraction}, "
                     f"median of {args.repeats} interleaved repeats\n\n" + "\n".join(rows) + "\n")
 
 

@@ -18,12 +18,19 @@ step and read after it, minus the RSS before it (median over the timed steps). I
 activations, unfolded patches, gradients and every temporary. glibc is told (mallopt) to serve
 every block of 64 KiB or more by mmap and return it on free, so freed memory is not silently
 reused from the heap and each configuration's peak is its own; `peak` = state + step peak.
+
+--device cuda: layers and batch on the GPU, two warm-up steps, each timed step bracketed by
+torch.cuda.synchronize(); `step peak` is the GPU allocator's peak during the step
+(torch.cuda.max_memory_allocated after reset_peak_memory_stats) minus what was allocated before
+it. --threads and the mallopt setting do not apply.
 """
 from __future__ import annotations
 
 import argparse
 import ctypes
+import os
 import statistics
+import sys
 import time
 
 import torch
@@ -31,6 +38,9 @@ from torch import nn
 
 from sparsegrow.layers.sparse_conv import SparseConv2d
 from sparsegrow.topology import MaskedParam, sample_inactive
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _device  # noqa: E402
 
 B = 128
 # (name, in, out, kernel, stride, input H = W); WRN-d-k: stem 3x3 to 16, stages of 16k, 32k, 64k
@@ -49,17 +59,17 @@ NETS = {
 }
 
 
-def build(kind: str, c_in, c_out, k, stride, density, gen):
+def build(kind: str, c_in, c_out, k, stride, density, gen, dev=torch.device("cpu")):
     pad = k // 2
     if kind == "sparse":
         numel = c_out * c_in * k * k
         active = sample_inactive(numel, torch.empty(0, dtype=torch.long),
                                  max(1, round(density * numel)), gen)
         layer = SparseConv2d(c_in, c_out, k, active, bias=False, stride=stride, padding=pad,
-                             generator=gen)
+                             generator=gen, device=dev)
         mask = None
     else:
-        layer = nn.Conv2d(c_in, c_out, k, stride=stride, padding=pad, bias=False)
+        layer = nn.Conv2d(c_in, c_out, k, stride=stride, padding=pad, bias=False, device=dev)
         mask = None
         if kind == "masked":
             numel = layer.weight.numel()
@@ -100,7 +110,14 @@ def _status(field: str) -> int:
 
 
 def timed_step(layer, opt, mask, x) -> tuple[float, int]:
-    """(seconds, peak RSS rise in bytes) of one step."""
+    """(seconds, peak RSS rise in bytes) of one step; on CUDA the GPU allocator's peak rise."""
+    if x.is_cuda:
+        with _device.GpuPeak(x.device) as p:  # synchronizes on entry and exit
+            t0 = time.perf_counter()
+            step(layer, opt, mask, x)
+            torch.cuda.synchronize(x.device)
+            t = time.perf_counter() - t0
+        return t, p.bytes
     rss0 = _status("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset VmHWM to the current RSS
@@ -109,15 +126,17 @@ def timed_step(layer, opt, mask, x) -> tuple[float, int]:
     return time.perf_counter() - t0, _status("VmHWM") - rss0
 
 
-def measure(shape, densities, repeats, gen):
+def measure(shape, densities, repeats, gen, dev=torch.device("cpu")):
     name, c_in, c_out, k, stride, hw = shape
-    x = torch.randn(B, c_in, hw, hw, generator=gen, requires_grad=True)
+    x = torch.randn(B, c_in, hw, hw, generator=gen).to(dev).requires_grad_()
     configs = [("dense", None), ("masked", densities[0])] + [("sparse", d) for d in densities]
-    built = {c: build(c[0], c_in, c_out, k, stride, c[1] if c[1] else 1.0, gen) for c in configs}
+    built = {c: build(c[0], c_in, c_out, k, stride, c[1] if c[1] else 1.0, gen, dev)
+             for c in configs}
     times = {c: [] for c in configs}
     peaks = {c: [] for c in configs}
-    for c in configs:  # warm-up (first-call costs, page-in)
-        step(*built[c], x)
+    for _ in range(2 if dev.type == "cuda" else 1):
+        for c in configs:  # warm-up (first-call costs, page-in; cuDNN/cuSPARSE handles)
+            step(*built[c], x)
     for _ in range(repeats):  # interleaved
         for c in configs:
             t, peak = timed_step(*built[c], x)
@@ -140,15 +159,24 @@ def main() -> None:
     ap.add_argument("--repeats-large", type=int, default=3,
                     help="repeats for shapes over 5 dense GFLOP per forward")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    ctypes.CDLL("libc.so.6").mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD: see the docstring
+    dev = _device.resolve(args.device)
     gen = torch.Generator().manual_seed(0)
     mib = 1 / 2**20
-    print(f"B={B}, threads={args.threads}, torch {torch.__version__}; time = median ms per "
-          "step (fwd+bwd+SGD); x = time / dense; memory in MiB: state + step peak = peak\n")
+    if dev.type == "cuda":
+        print(f"B={B}, {_device.describe(dev)}; time = median ms per step (fwd+bwd+SGD, "
+              "synchronized, after 2 warm-up steps); x = time / dense; memory in MiB: state + "
+              "step peak = peak, step peak = GPU allocator peak (max_memory_allocated) during the "
+              "step over the memory allocated before it\n")
+    else:
+        torch.set_num_threads(args.threads)
+        ctypes.CDLL("libc.so.6").mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD: see the docstring
+        print(f"B={B}, threads={args.threads}, torch {torch.__version__}; time = median ms per "
+              "step (fwd+bwd+SGD); x = time / dense; memory in MiB: state + step peak = peak\n")
     print("| net | layer (in→out, k, stride, H) | storage | density | ms/step | x dense | "
-          "state MiB | step peak MiB | peak MiB | peak / dense |")
+          f"state MiB | {'GPU ' if dev.type == 'cuda' else ''}step peak MiB | peak MiB | "
+          "peak / dense |")
     print("|---|---|---|---|---:|---:|---:|---:|---:|---:|")
     for net in args.nets:
         for shape in NETS[net]:
@@ -156,7 +184,7 @@ def main() -> None:
             ho = (hw - 1) // stride + 1
             gflop = 2 * B * ho * ho * c_out * c_in * k * k / 1e9
             repeats = args.repeats_large if gflop > 5 else args.repeats
-            rows = measure(shape, args.densities, repeats, gen)
+            rows = measure(shape, args.densities, repeats, gen, dev)
             dense = rows[0]
             d_peak = dense["state"] + dense["step_peak"]
             for r in rows:

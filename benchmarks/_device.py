@@ -1,0 +1,62 @@
+"""--device support shared by the step/conv/grow benchmarks (imported from the script's folder).
+
+cpu: nothing changes. cuda: one clear error line and exit 2 when CUDA is absent; timings are
+bracketed by torch.cuda.synchronize(); memory is the GPU allocator's peak
+(torch.cuda.max_memory_allocated after reset_peak_memory_stats) minus what was allocated before.
+"""
+from __future__ import annotations
+
+import gc
+import sys
+
+import torch
+
+
+def resolve(name: str) -> torch.device:
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        print(f"error: --device cuda but CUDA is not available here (torch {torch.__version__}, "
+              f"built for CUDA {torch.version.cuda}); use --device cpu", file=sys.stderr)
+        sys.exit(2)
+    return dev
+
+
+def sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def total_gib(dev: torch.device) -> float:
+    return torch.cuda.get_device_properties(dev).total_memory / 2**30
+
+
+def describe(dev: torch.device) -> str:
+    """Device name, memory, torch and CUDA versions (for the header of a cuda run)."""
+    return (f"device cuda: {torch.cuda.get_device_name(dev)} ({total_gib(dev):.0f} GiB), "
+            f"torch {torch.__version__}, CUDA {torch.version.cuda}")
+
+
+def free_memory(dev: torch.device) -> None:
+    gc.collect()
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+        torch.cuda.empty_cache()
+
+
+class GpuPeak:
+    """with GpuPeak(dev) as p: ...  then p.bytes = peak allocated during the block minus the
+    memory allocated when it began."""
+
+    def __init__(self, dev: torch.device):
+        self.dev = dev
+
+    def __enter__(self):
+        torch.cuda.synchronize(self.dev)
+        torch.cuda.reset_peak_memory_stats(self.dev)
+        self.base = torch.cuda.memory_allocated(self.dev)
+        return self
+
+    def __exit__(self, *exc):
+        torch.cuda.synchronize(self.dev)
+        self.bytes = torch.cuda.max_memory_allocated(self.dev) - self.base
+        return False

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Run the step / conv / sampled-grow benchmarks once on a CUDA machine (fast settings).
+# Each under `timeout 150`, output to $OUT/bench_<name>.txt; a failure does not stop the rest.
+set -u
+OUT=${OUT:-/tmp/device_bench}
+mkdir -p "$OUT"
+PY=${PYTHON:-python}
+export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH}
+export SPARSEGROW_CACHE=${SPARSEGROW_CACHE:-/tmp/sparsegrow-cache}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/nvidia_smi.txt" 2>&1 || true
+
+run() {  # run NAME ARGS...
+    local name=$1; shift
+    local t0=$SECONDS
+    echo "== $name: $PY $*" | tee "$OUT/bench_$name.txt"
+    timeout 150 "$PY" "$@" >> "$OUT/bench_$name.txt" 2>&1
+    local rc=$?
+    echo "== $name: rc=$rc, $((SECONDS - t0)) s" | tee -a "$OUT/bench_$name.txt"
+}
+
+run sparse_step benchmarks/bench_sparse_step.py --device cuda \
+    --widths 4096 16384 65536 --densities 0.1 0.01 0.001 --repeats 5 \
+    --json "$OUT/bench_sparse_step.json"
+run sparse_conv benchmarks/bench_sparse_conv.py --device cuda \
+    --nets wrn-10-1 wrn-28-5 --repeats 5 --repeats-large 5
+run sampled_grow benchmarks/bench_sampled_grow.py --device cuda \
+    --sizes 16384 65536 --densities 0.01 0.001 --repeats 1
+exit 0
