@@ -13,7 +13,7 @@ run() {  # run NAME ARGS...
     local name=$1; shift
     local t0=$SECONDS
     echo "== $name: $PY $*" | tee "$OUT/bench_$name.txt"
-    timeout 150 "$PY" "$@" >> "$OUT/bench_$name.txt" 2>&1
+    timeout "${BENCH_TIMEOUT:-150}" "$PY" "$@" >> "$OUT/bench_$name.txt" 2>&1
     local rc=$?
     echo "== $name: rc=$rc, $((SECONDS - t0)) s" | tee -a "$OUT/bench_$name.txt"
 }

@@ -5,30 +5,32 @@
 set -u
 export PYTHONPATH=. PYTHONUNBUFFERED=1 SPARSEGROW_DATA_ROOT=$PWD/.data SPARSEGROW_CACHE=/tmp/sgc
 PY=python3
-DEADLINE=${DEADLINE:-510}
-mkdir -p "$OUT/r"
-{ nvidia-smi; $PY -c "import torch;print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name())"; nproc; } > "$OUT/r/machine.txt" 2>&1
+DEADLINE=${DEADLINE:-480}
+export BENCH_TIMEOUT=${BENCH_TIMEOUT:-100}
+R=/tmp/devout  # collected here, packed into $OUT at the end (at most 8 files come back)
+mkdir -p "$R"
+{ nvidia-smi; $PY -c "import torch;print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name())"; nproc; } > "$R/machine.txt" 2>&1
 # issue 16 on 10 CPU cores (device=cpu, one thread per run, as on the project's machine)
 $PY -m sparsegrow sweep configs/sweeps/long_lenet.yaml train.device=cpu --no-progress --jobs 10 \
   --rows dense static-d0.005 set-d0.005 rigl-d0.005 search-d0.005 search-acc-d0.005 search-wedge-d0.005 \
-  > "$OUT/r/sweep_lenet.log" 2>&1 &
+  > "$R/sweep_lenet.log" 2>&1 &
 LENET=$!
 # issue 14 on the GPU, 4 runs at once
 $PY -m sparsegrow sweep configs/sweeps/wrn_sparse_conv.yaml train.device=cuda --no-progress --jobs 4 \
-  > "$OUT/r/sweep_wrn.log" 2>&1 &
+  > "$R/sweep_wrn.log" 2>&1 &
 WRN=$!
-timeout 200 $PY -m pytest tests/test_cuda.py -q -p no:cacheprovider -rfE > "$OUT/r/test_cuda.txt" 2>&1
-echo "test_cuda rc=$? at $SECONDS s" | tee -a "$OUT/r/test_cuda.txt"
-while kill -0 $WRN 2>/dev/null && [ $SECONDS -lt 290 ]; do sleep 5; done
-echo "wrn sweep running=$(kill -0 $WRN 2>/dev/null && echo yes || echo no) at $SECONDS s" >> "$OUT/r/sweep_wrn.log"
-OUT="$OUT/r" bash scripts/device_bench.sh > "$OUT/r/bench.log" 2>&1 &
+timeout 200 $PY -m pytest tests/test_cuda.py -q -p no:cacheprovider -rfE > "$R/test_cuda.txt" 2>&1
+echo "test_cuda rc=$? at $SECONDS s" | tee -a "$R/test_cuda.txt"
+while kill -0 $WRN 2>/dev/null && [ $SECONDS -lt 240 ]; do sleep 5; done
+echo "wrn sweep running=$(kill -0 $WRN 2>/dev/null && echo yes || echo no) at $SECONDS s" >> "$R/sweep_wrn.log"
+OUT="$R" bash scripts/device_bench.sh > "$R/bench.log" 2>&1 &
 BENCH=$!
 while kill -0 $BENCH 2>/dev/null && [ $SECONDS -lt $DEADLINE ]; do sleep 5; done
-echo "stopped at $SECONDS s" >> "$OUT/r/machine.txt"
+echo "stopped at $SECONDS s" >> "$R/machine.txt"
 kill -INT $LENET $WRN $BENCH 2>/dev/null; sleep 8; pkill -f sparsegrow 2>/dev/null; pkill -f benchmarks/ 2>/dev/null; pkill -f multiprocessing 2>/dev/null; sleep 2
 # finished runs without checkpoints (small); unfinished LeNet runs with theirs (to resume here)
 find runs -name summary.json | sed 's#/summary.json##' > /tmp/done.txt
-tar czf "$OUT/results.tgz" -C "$OUT" r --transform 's#^r/#device/#' \
+tar czf "$OUT/results.tgz" -C /tmp devout \
   $(for d in $(cat /tmp/done.txt); do echo "-C $PWD $d/summary.json $d/metrics.jsonl $d/config.yaml"; done) 2>/dev/null
 find runs/long_lenet -name checkpoint.pt | sed 's#/checkpoint.pt##' | grep -vxF -f /tmp/done.txt > /tmp/part.txt
 [ -s /tmp/part.txt ] && tar cf - $(sed 's#$#/*#' /tmp/part.txt) | gzip -1 | split -b 15M - "$OUT/partial.tgz."
