@@ -5,6 +5,7 @@
 set -u
 export PYTHONPATH=. PYTHONUNBUFFERED=1 SPARSEGROW_DATA_ROOT=$PWD/.data SPARSEGROW_CACHE=/tmp/sgc
 PY=python3
+export PYTHON=python3  # device_bench.sh; the GPU image has python3 only
 DEADLINE=${DEADLINE:-480}
 export BENCH_TIMEOUT=${BENCH_TIMEOUT:-100}
 R=/tmp/devout  # collected here, packed into $OUT at the end (at most 8 files come back)
