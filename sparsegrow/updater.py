@@ -459,7 +459,9 @@ class Sparsifier:
             net_grow = grow_idx[~regrown]
             net_drop = drop_idx[~isin_sorted(drop_idx, grow_idx)]
             p.update(net_drop, net_grow, self._initial_values(p, net_grow), self.optimizer)
-            self.ever_active[p.fqn] = union_sorted(self.ever_active[p.fqn], net_grow)
+            # on the layer's device: a Sparsifier built before model.to(device) (the CLI's
+            # meta-built truly sparse models) recorded its first active sets elsewhere
+            self.ever_active[p.fqn] = union_sorted(self.ever_active[p.fqn].to(net_grow.device), net_grow)
             layers[p.fqn] = {"dropped": n, "grown": n_grow, "regrown": int(regrown.sum()),
                              "nnz": p.nnz(), "skipped_nonfinite": False}
             if sig is not None:  # steps summed; time in this rank's capture hooks

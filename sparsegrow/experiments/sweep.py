@@ -101,6 +101,8 @@ def _run_job(args: tuple[int, Path, list[str], Path]) -> tuple[int, dict | None,
         cfg = load_config(base, overrides)
         return i, train(cfg, run_dir, resume=has_progress(run_dir), progress=False), None
     except Exception as e:  # noqa: BLE001 -- reported with the others by _run_parallel
+        import traceback
+        traceback.print_exc()  # the whole trace on the sweep's stderr; one line in the summary
         return i, None, f"{type(e).__name__}: {e}"
 
 

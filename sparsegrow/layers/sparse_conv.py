@@ -39,7 +39,7 @@ from torch import nn
 from torch.nn.modules.utils import _pair
 
 from . import kernels
-from .sparse_linear import FROM_DENSE, CSRModule, compute_dtypes, csr_grads
+from .sparse_linear import FROM_DENSE, CSRModule, compute_dtypes, csr_grads, no_autocast
 
 
 def patches(x: torch.Tensor, geometry: tuple) -> torch.Tensor:
@@ -205,14 +205,15 @@ class SparseConv2d(CSRModule):
                              f"(dilated) kernel {self.kernel_size}")
         x, w = x.to(compute), self.values.to(compute)
         csr = (self.crow, self.col, self.ccol, self.row_t, self.perm)
-        if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad):
-            yt = _SparseConvFn.apply(x, w, self._geometry(), *csr)  # (N, B·P)
-        else:
-            # Without a graph, nothing has to outlive a chunk: unfold a few samples at a time,
-            # so evaluation batches (e.g. 1000) never hold all of their patches at once.
-            per = max(1, _EVAL_PATCH_NUMEL // (self.n_cols * ho * wo))
-            yt = torch.cat([_SparseConvFn.apply(x[b0:b0 + per], w, self._geometry(), *csr)
-                            for b0 in range(0, B, per)], dim=1)  # (N, B·P), sample-major columns
+        with no_autocast(x.device):
+            if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad):
+                yt = _SparseConvFn.apply(x, w, self._geometry(), *csr)  # (N, B·P)
+            else:
+                # Without a graph, nothing has to outlive a chunk: unfold a few samples at a
+                # time, so evaluation batches (e.g. 1000) never hold all their patches at once.
+                per = max(1, _EVAL_PATCH_NUMEL // (self.n_cols * ho * wo))
+                yt = torch.cat([_SparseConvFn.apply(x[b0:b0 + per], w, self._geometry(), *csr)
+                                for b0 in range(0, B, per)], dim=1)  # (N, B·P), sample-major
         y = yt.view(self.out_channels, B, ho, wo)
         if self.bias is not None:
             y = y + self.bias.to(compute)[:, None, None, None]

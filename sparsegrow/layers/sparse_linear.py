@@ -100,6 +100,13 @@ def _check_active(active: torch.Tensor, numel: int, what: str = "active") -> Non
             raise ValueError(f"{what} must be sorted and free of duplicates")
 
 
+def no_autocast(device: torch.device):
+    """A context with autocast off on `device`: the kernels compute in the dtype compute_dtypes
+    chose. Left on, CUDA autocast would run torch.sparse's products in float16/bfloat16 inside
+    the autograd Function, so dY arrived in float16 beside a float32 X in backward."""
+    return torch.autocast(device_type=device.type, enabled=False)
+
+
 def compute_dtypes(x: torch.Tensor, w: torch.Tensor, what: str) -> tuple[torch.dtype, torch.dtype]:
     """(dtype the kernels compute in, dtype returned) for input x and weights w, as nn.Linear /
     nn.Conv2d would return under autocast; a clear error for mismatched dtypes or devices."""
@@ -170,8 +177,9 @@ class CSRModule(nn.Module):
     def _matmul(self, x: torch.Tensor, compute: torch.dtype) -> torch.Tensor:
         """x (R, n_cols) -> x W^T (R, n_rows) in `compute`, the transpose of a contiguous
         (n_rows, R); x may itself be the transpose of a contiguous (n_cols, R) (then free)."""
-        return _SparseLinearFn.apply(_to(x, compute), _to(self.values, compute), self.crow,
-                                     self.col, self.ccol, self.row_t, self.perm)
+        with no_autocast(x.device):
+            return _SparseLinearFn.apply(_to(x, compute), _to(self.values, compute), self.crow,
+                                         self.col, self.ccol, self.row_t, self.perm)
 
     # -- topology ----------------------------------------------------------------------------
 

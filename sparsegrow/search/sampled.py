@@ -74,7 +74,9 @@ class _RowTable:
         self.cum = torch.cumsum(A.double().reshape(-1), 0)  # (R·K,) one flat cumsum
         ends = self.cum[K - 1::K]  # (R,) cumulative mass at each row's end
         self.start = torch.cat([ends.new_zeros(1), ends[:-1]])
-        self.mass = ends - self.start  # (R,) row sums
+        # (R,) row sums, summed per row: a difference of the flat cumsum's ends can come out
+        # slightly negative for an all-zero row (CUDA's parallel scan groups sums differently)
+        self.mass = A.double().sum(1)
 
     def draw(self, r: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         pos = torch.searchsorted(self.cum, self.start[r] + u * self.mass[r], right=True)
