@@ -18,11 +18,16 @@ run() {  # run NAME ARGS...
     echo "== $name: rc=$rc, $((SECONDS - t0)) s" | tee -a "$OUT/bench_$name.txt"
 }
 
-run sparse_step benchmarks/bench_sparse_step.py --device cuda \
-    --widths 4096 16384 65536 --densities 0.1 0.01 0.001 --repeats 5 \
-    --json "$OUT/bench_sparse_step.json"
-run sparse_conv benchmarks/bench_sparse_conv.py --device cuda \
-    --nets wrn-10-1 wrn-28-5 --repeats 5 --repeats-large 5
-run sampled_grow benchmarks/bench_sampled_grow.py --device cuda \
-    --sizes 16384 65536 --densities 0.01 0.001 --repeats 1
+# BENCHES: which to run (default all); SPARSE_STEP_ARGS: the step benchmark's sizes
+for b in ${BENCHES:-sparse_step sparse_conv sampled_grow}; do
+  case $b in
+    sparse_step) run sparse_step benchmarks/bench_sparse_step.py --device cuda \
+        ${SPARSE_STEP_ARGS:---widths 4096 16384 65536 --densities 0.1 0.01 0.001} --repeats 5 \
+        --json "$OUT/bench_sparse_step.json" ;;
+    sparse_conv) run sparse_conv benchmarks/bench_sparse_conv.py --device cuda \
+        --nets wrn-10-1 wrn-28-5 --repeats 5 --repeats-large 5 ;;
+    sampled_grow) run sampled_grow benchmarks/bench_sampled_grow.py --device cuda \
+        --sizes 16384 65536 --densities 0.01 0.001 --repeats 1 ;;
+  esac
+done
 exit 0
