@@ -14,11 +14,12 @@ WRN_JOBS=${WRN_JOBS:-8}
 R=/tmp/devout  # collected here, packed into $OUT at the end (at most 8 files come back)
 mkdir -p "$R"
 { nvidia-smi; $PY -c "import torch;print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name())"; nproc; } > "$R/machine.txt" 2>&1
+LENET=
 if [ -n "${LENET_ROWS:-}" ]; then  # issue 16 on CPU cores (device=cpu, one thread per run)
   $PY -m sparsegrow sweep configs/sweeps/long_lenet.yaml train.device=cpu --no-progress \
     --jobs "$LENET_JOBS" --rows $LENET_ROWS > "$R/sweep_lenet.log" 2>&1 &
+  LENET=$!
 fi
-LENET=$!
 WRN=
 if [ -n "${WRN_ROWS:-}" ]; then  # issue 14 on the GPU
   $PY -m sparsegrow sweep configs/sweeps/wrn_sparse_conv.yaml train.device=cuda --no-progress \
