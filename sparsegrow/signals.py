@@ -532,7 +532,7 @@ class GrowSignals:
             return
         for f, st in per_rank[self.dist.rank].items():
             if f in self.layers and isinstance(self.layers[f], LayerSignal):
-                self.layers[f].generator.set_state(st)
+                self.layers[f].generator.set_state(st.cpu())  # map_location may have moved it
 
 
 # the parts of a layer's saved signal that are sums over ranks (reduced when saved)

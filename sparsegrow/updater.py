@@ -535,7 +535,9 @@ class Sparsifier:
             if self.optimizer is not None:  # connections the loaded masks turned off
                 p.reset_inactive_state(self.optimizer)
         self.step_count = int(state["step"])
-        self.generator.set_state(state["generator"])
+        # .cpu(): a generator state is a CPU ByteTensor, but a checkpoint loaded with
+        # map_location="cuda" moves it with everything else
+        self.generator.set_state(state["generator"].cpu())
         self.ever_active = {k: v.clone() for k, v in state["ever_active"].items()}
         self.update_time_s = float(state["update_time_s"])
         self.n_updates = int(state["n_updates"])

@@ -238,7 +238,9 @@ def _train(cfg: Config, run_dir: Path, resume: bool, progress: bool, device: tor
         model.load_state_dict(ckpt["model"])
         sparsifier.load_state_dict(ckpt["sparsifier"])
         optimizer.load_state_dict(ckpt["optimizer"])
-        torch.set_rng_state(ckpt["torch_rng"])
+        torch.set_rng_state(ckpt["torch_rng"].cpu())  # loaded onto `device` with the rest
+        if device.type == "cuda" and ckpt.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(ckpt["cuda_rng"].cpu(), device)
         start_epoch, start_batch, step = ckpt["epoch"], ckpt.get("batch", 0), ckpt["step"]
         if step != start_epoch * spe + start_batch:
             raise CorruptFileError(f"{ckpt_path}: step {step} is not batch {start_batch} of epoch "
@@ -270,6 +272,7 @@ def _train(cfg: Config, run_dir: Path, resume: bool, progress: bool, device: tor
         atomic_torch_save({
             "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "sparsifier": sp_state, "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
             "epoch": epoch, "batch": batch, "step": step, "epoch_sums": list(epoch_sums),
             "train_time_s": train_time_s, "phases": dict(phases), "log_len": log.commit(),
             "test_loss": test_loss, "test_acc": test_acc,  # of the last evaluated epoch
