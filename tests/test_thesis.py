@@ -176,3 +176,10 @@ def test_generic_grouping_tells_search_settings_apart():
         variants.append({**run, "config": cfg})
     assert len(group_runs(variants)) == 4
     assert "bits=2" in dict(list(group_runs(variants))[3])["method"]
+    # ... and so are runs that differ only in storage or in accumulating the signal
+    sp, sig = run["config"]["sparsity"], run["config"].get("signal", {})
+    more = [{**run, "config": {**run["config"], "sparsity": {**sp, "storage": "sparse"}}},
+            {**run, "config": {**run["config"], "signal": {**sig, "sketch_dim": 64, "accumulate": True}}},
+            {**run, "config": {**run["config"], "signal": {**sig, "sketch_dim": 64, "accumulate": False}}}]
+    labels = [dict(k)["method"] for k in group_runs([run] + more)]
+    assert len(labels) == 4 and labels[1].endswith(" (sparse)") and ",acc]" in labels[2], labels

@@ -30,6 +30,9 @@ def _row_key(run: dict) -> dict:
     scheduled = spec.make is None and spec.updates  # ΔT applies
     grow = sp.get("grow") or spec.grow
     fan = "+cfi" if sp.get("fan_in") == "constant" and spec.fan_in != "constant" else ""
+    # truly sparse storage trains the same method to the same accuracy in distribution, but its
+    # times and memory are another implementation's: never averaged with masked runs
+    storage = " (sparse)" if sp.get("storage", "masked") == "sparse" else ""
     if spec.learned_density:  # α is the regulariser's weight here, not the update fraction
         alpha = f"{c[spec.options][spec.name_by]:g} (L_S)"
     else:
@@ -37,7 +40,7 @@ def _row_key(run: dict) -> dict:
     return OrderedDict([
         ("model", c["model"]["name"]),
         ("method", method + fan + (f"/{sp['grow']}" if sp.get("grow") else "")
-         + (_search_settings(c) if grow == "search" and drop_grow else "")),
+         + (_search_settings(c) if grow == "search" and drop_grow else "") + storage),
         # a learned density is an outcome, not a setting: it is averaged in the table, not grouped on.
         ("density", "learned" if spec.learned_density else f"{s['density']:.4g}"),
         ("distribution", sp["distribution"] if not (spec.dense or spec.learned_density) else "-"),
@@ -58,7 +61,8 @@ def _epochs(c: dict, s: dict) -> str:
 def _search_settings(c: dict) -> str:
     """What tells search-grow runs apart: backend, metric, and k_similar (approximate backends),
     bits (LSH) and the sketch size where they apply, e.g. "[lsh,abs_ip,ks=0.15,bits=2,sketch=256]"."""
-    se, sketch = c["search"], c.get("signal", {}).get("sketch_dim", 0)
+    se, signal = c["search"], c.get("signal", {})
+    sketch = signal.get("sketch_dim", 0)
     parts = [se["backend"], se["metric"]]
     if se["backend"] != "exact":
         parts.append(f"ks={se['k_similar']:g}")
@@ -66,6 +70,8 @@ def _search_settings(c: dict) -> str:
         parts.append(f"bits={se['bits']:g}")
     if sketch:
         parts.append(f"sketch={sketch}")
+    if signal.get("accumulate"):
+        parts.append("acc")  # the signal summed over the ΔT steps since the last update
     return "[" + ",".join(parts) + "]"
 
 
