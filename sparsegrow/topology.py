@@ -234,22 +234,24 @@ def sample_inactive(numel: int, excluded: torch.Tensor, k: int, generator: torch
         raise ValueError(f"cannot grow {k} connections: only {n_free} of {numel} are inactive")
     if k == 0:
         return torch.empty(0, dtype=torch.long, device=device)
-    excluded_cpu = excluded.cpu()
     # The complement costs O(numel); rejection costs O(k) draws per round and needs few rounds
     # unless most free positions are wanted or few are free.
     if numel <= (1 << 16) or n_free < 0.05 * numel or k > n_free // 2:
         free = torch.ones(numel, dtype=torch.bool)
-        free[excluded_cpu] = False
+        free[excluded.cpu()] = False
         cand = torch.nonzero(free).squeeze(1)
     else:
-        cand = torch.empty(0, dtype=torch.long)
+        # Draws come from the (CPU) generator, so a seed picks the same connections on every
+        # device; filtering and deduplication run where `excluded` lives (on a GPU they cost
+        # ~0.5-3 s per update on the CPU at 4096²-65536², hundreds of layer steps).
+        cand = torch.empty(0, dtype=torch.long, device=excluded.device)
         while cand.numel() < k:
             need = k - cand.numel()
             draw = math.ceil(need * numel / n_free * 1.2) + 64
-            new = torch.randint(0, numel, (draw,), generator=generator)
-            new = new[~isin_sorted(new, excluded_cpu)]
-            cand = torch.unique(torch.cat([cand, new]))
-    pick = cand[torch.randperm(cand.numel(), generator=generator)[:k]]
+            new = torch.randint(0, numel, (draw,), generator=generator).to(excluded.device)
+            new = new[~isin_sorted(new, excluded)]
+            cand = torch.unique(torch.cat([cand, new]))  # sorted, on every device
+    pick = cand[torch.randperm(cand.numel(), generator=generator).to(cand.device)[:k]]
     return torch.sort(pick).values.to(device)
 
 
