@@ -85,7 +85,7 @@ def _cmd_report(args) -> int:
 
         text = thesis_report(runs)
     else:
-        text = runs_table(runs) if args.per_run else grouped_table(runs, ci=args.ci)
+        text = runs_table(runs) if args.per_run else grouped_table(runs, ci=args.ci, paired=args.paired)
     if args.out:
         Path(args.out).write_text(text)
     print(text, end="")
@@ -168,6 +168,9 @@ def make_parser() -> argparse.ArgumentParser:
     r.add_argument("--thesis", action="store_true", help="the thesis's table columns (docs/thesis.md)")
     r.add_argument("--ci", action="store_true",
                    help="add the 95%% confidence interval of the mean test accuracy (t over seeds)")
+    r.add_argument("--paired", metavar="METHOD",
+                   help="add each row's accuracy difference to the row of METHOD (its report label, "
+                   "e.g. set or static) at the same density, paired by seed, with a 95%% CI")
     r.add_argument("--out", help="also write the table to this file")
     r.set_defaults(func=_cmd_report)
     pl = sub.add_parser("plot", help="plot finished runs to a PNG")

@@ -125,10 +125,55 @@ def ci95(values: list[float], scale: float = 1.0, digits: int = 2) -> str:
     return f"[{m - h:.{digits}f}, {m + h:.{digits}f}]"
 
 
-def grouped_table(runs: list[dict], ci: bool = False) -> str:
-    """One row per group of seeds; ci: add the 95% confidence interval of the mean accuracy."""
+def paired_difference(a: dict[int, float], b: dict[int, float]) -> tuple[int, float, float, float] | None:
+    """Paired comparison of two rows' accuracies over the seeds they share: (n pairs, mean of
+    a - b, 95% CI low, high) with Student's t on the differences; None below 2 shared seeds."""
+    seeds = sorted(set(a) & set(b))
+    if len(seeds) < 2:
+        return None
+    d = [a[s] - b[s] for s in seeds]
+    n, m = len(d), statistics.mean(d)
+    t = _T975.get(n - 1) or (_T975[max(k for k in _T975 if k <= n - 1)] if n - 1 < 30 else 1.96)
+    h = t * statistics.stdev(d) / n ** 0.5
+    return n, m, m - h, m + h
+
+
+def _paired_cells(key, members, groups, ref: str) -> list[str]:
+    """Δ test accuracy vs the row of method `ref` with the same other columns (model, density,
+    ΔT, α, epochs; a dense or static reference matches any ΔT and α), paired by seed."""
+    d = dict(key)
+    if d["method"] == ref:
+        return ["(reference)", "", ""]
+
+    def same(k):
+        o = dict(k)
+        if o["method"] != ref:
+            return False
+        loose = ("ΔT", "α", "distribution") if o["ΔT"] == "-" else ()
+        return all(o[c] == d[c] for c in d if c != "method" and c not in loose)
+
+    refs = [m for k, m in groups.items() if same(k)]
+    if not refs:
+        return ["-", "", ""]
+
+    def acc(ms):
+        return {m["summary"]["seed"]: 100 * m["summary"]["test_acc"] for m in ms}
+
+    got = paired_difference(acc(members), acc(refs[0]))
+    if got is None:
+        return ["-", "", "< 2 shared seeds"]
+    n, mean, lo, hi = got
+    verdict = "no difference" if lo <= 0 <= hi else ("higher" if lo > 0 else "lower")
+    return [f"{mean:+.2f} [{lo:+.2f}, {hi:+.2f}]", str(n), verdict]
+
+
+def grouped_table(runs: list[dict], ci: bool = False, paired: str | None = None) -> str:
+    """One row per group of seeds; ci: add the 95% confidence interval of the mean accuracy;
+    paired: add each row's test-accuracy difference to the row of that method (same model,
+    density, schedule and epochs) over the seeds both have, with its 95% CI (paired t)."""
     rows = []
-    for key, members in group_runs(runs).items():
+    groups = group_runs(runs)
+    for key, members in groups.items():
         summ = [m["summary"] for m in members]
         values = [v for _, v in key]
         if values[2] == "learned":
@@ -139,5 +184,7 @@ def grouped_table(runs: list[dict], ci: bool = False) -> str:
             mean_std([s["test_acc"] for s in summ], scale=100),
             *([ci95([s["test_acc"] for s in summ], scale=100)] if ci else []),
             str(len(members)),
+            *(_paired_cells(key, members, groups, paired) if paired else []),
         ])
-    return _markdown(COLUMNS + (["95% CI (%)"] if ci else []) + ["seeds"], rows)
+    extra = [f"Δ acc vs {paired} (paired, 95% CI)", "pairs", "verdict"] if paired else []
+    return _markdown(COLUMNS + (["95% CI (%)"] if ci else []) + ["seeds"] + extra, rows)

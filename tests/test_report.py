@@ -1,0 +1,42 @@
+"""report --paired: each row's accuracy difference to a reference method's row, paired by seed."""
+import statistics
+
+import pytest
+
+from sparsegrow.experiments.report import grouped_table, paired_difference
+
+
+def _run(method: str, seed: int, acc: float, density: float = 0.01) -> dict:
+    cfg = {"model": {"name": "lenet300100"}, "train": {"epochs": 10},
+           "sparsity": {"method": method, "fraction": 0.3, "update_every": 100, "distribution": "erk"},
+           "search": {"backend": "exact", "metric": "abs_ip", "k_similar": 0.15, "bits": 1.0},
+           "signal": {}}
+    summ = {"seed": seed, "test_acc": acc, "density": density, "epochs": 10, "train_time_s": 1.0,
+            "update_time_s": 0.1}
+    return {"config": cfg, "summary": summ, "dir": None}
+
+
+def test_paired_difference_is_the_t_interval_of_the_per_seed_differences():
+    a = {0: 80.0, 1: 82.0, 2: 81.0, 7: 50.0}  # seed 7 has no partner: left out
+    b = {0: 79.0, 1: 80.5, 2: 80.0, 3: 10.0}
+    n, mean, lo, hi = paired_difference(a, b)
+    d = [1.0, 1.5, 1.0]
+    h = 4.303 * statistics.stdev(d) / 3 ** 0.5  # t(0.975, 2 df)
+    assert n == 3 and mean == pytest.approx(statistics.mean(d))
+    assert (lo, hi) == pytest.approx((statistics.mean(d) - h, statistics.mean(d) + h))
+    assert paired_difference({0: 1.0}, {0: 2.0}) is None
+
+
+def test_paired_table_compares_within_density_and_gives_a_verdict():
+    runs = []
+    for s in range(3):
+        runs += [_run("static", s, 0.5, density=0.05),  # another density (first): never the reference
+                 _run("static", s, 0.80 + 0.01 * s), _run("rigl", s, 0.82 + 0.01 * s + 0.001 * (s % 2)),
+                 _run("set", s, 0.80 + 0.01 * s + (0.01 if s == 1 else -0.005))]
+    table = grouped_table(runs, paired="static")
+    rows = {r.split(" | ")[1]: r for r in table.splitlines()[2:] if "0.01" in r}
+    assert "(reference)" in rows["static"]
+    assert "+2.03 [" in rows["rigl"] and rows["rigl"].rstrip(" |").endswith("higher")
+    assert rows["set"].rstrip(" |").endswith("no difference")
+    other = [r for r in table.splitlines()[2:] if "| 0.05 |" in r]
+    assert len(other) == 1 and "(reference)" in other[0]
