@@ -58,29 +58,36 @@ def test_resume_after_crash_gives_same_masks_and_accuracy(method, tmp_path, monk
     cfg = load_config(None, args)
     full = loop.train(cfg, tmp_path / "full", progress=False)
 
+    resumed = crash_in_epoch_2_then_resume(cfg, tmp_path / "crash", monkeypatch, check_refusal=True)
+    assert_same_run(tmp_path / "full", tmp_path / "crash", full, resumed)
+
+
+def read_log(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def crash_in_epoch_2_then_resume(cfg, run_dir: Path, monkeypatch, check_refusal: bool = False) -> dict:
+    """Train cfg into run_dir, interrupted after epoch 2's training (before its checkpoint), then
+    resume it; returns the resumed run's summary. check_refusal: also check that training into
+    the interrupted run's folder without resume is refused, naming --resume."""
     real_evaluate = loop.evaluate
     calls = {"n": 0}
 
     def crash_in_epoch_2(*a, **k):
         calls["n"] += 1
         if calls["n"] == 2:
-            raise KeyboardInterrupt  # interrupted after epoch 2's training, before its checkpoint
+            raise KeyboardInterrupt
         return real_evaluate(*a, **k)
 
     monkeypatch.setattr(loop, "evaluate", crash_in_epoch_2)
     with pytest.raises(KeyboardInterrupt):
-        loop.train(cfg, tmp_path / "crash", progress=False)
+        loop.train(cfg, run_dir, progress=False)
     monkeypatch.setattr(loop, "evaluate", real_evaluate)
-    assert not (tmp_path / "crash" / "summary.json").exists()
-    with pytest.raises(ConfigError, match="--resume"):
-        loop.train(cfg, tmp_path / "crash", progress=False)
-    resumed = loop.train(cfg, tmp_path / "crash", resume=True, progress=False)
-
-    assert_same_run(tmp_path / "full", tmp_path / "crash", full, resumed)
-
-
-def read_log(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert not (run_dir / "summary.json").exists()
+    if check_refusal:
+        with pytest.raises(ConfigError, match="--resume"):
+            loop.train(cfg, run_dir, progress=False)
+    return loop.train(cfg, run_dir, resume=True, progress=False)
 
 
 def assert_same_run(full_dir: Path, resumed_dir: Path, full: dict, resumed: dict) -> None:

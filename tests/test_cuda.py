@@ -456,7 +456,7 @@ def test_cli_train_on_device_and_resume_equals_uninterrupted(method, storage, tm
     (rigl on storage=sparse is refused by design.)"""
     from sparsegrow.experiments import loop
     from sparsegrow.experiments.config import load_config
-    from test_cli import assert_same_run
+    from test_cli import assert_same_run, crash_in_epoch_2_then_resume
 
     args = ["model.name=mlp", "model.kwargs={hidden: [64]}", "train.epochs=2", "data.train_subset=300",
             "data.test_subset=200", "train.batch_size=50", "sparsity.update_every=2",
@@ -465,20 +465,7 @@ def test_cli_train_on_device_and_resume_equals_uninterrupted(method, storage, tm
     cfg = load_config(None, args)
     full = loop.train(cfg, tmp_path / "full", progress=False)
     assert 0.0 <= full["test_acc"] <= 1.0 and full["density"] == pytest.approx(0.1, abs=1e-3)
-    real_evaluate = loop.evaluate
-    calls = {"n": 0}
-
-    def crash_in_epoch_2(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return real_evaluate(*a, **k)
-
-    monkeypatch.setattr(loop, "evaluate", crash_in_epoch_2)
-    with pytest.raises(KeyboardInterrupt):
-        loop.train(cfg, tmp_path / "crash", progress=False)
-    monkeypatch.setattr(loop, "evaluate", real_evaluate)
-    resumed = loop.train(cfg, tmp_path / "crash", resume=True, progress=False)
+    resumed = crash_in_epoch_2_then_resume(cfg, tmp_path / "crash", monkeypatch)
     assert_same_run(tmp_path / "full", tmp_path / "crash", full, resumed)
 
 

@@ -325,7 +325,7 @@ def test_cli_wrn_storage_sparse_resume_equals_uninterrupted(tmp_path, monkeypatc
     reading conv rows; a crash and resume ends exactly as the uninterrupted run."""
     from sparsegrow.experiments import loop
     from sparsegrow.experiments.config import load_config
-    from test_cli import assert_same_run
+    from test_cli import assert_same_run, crash_in_epoch_2_then_resume
 
     args = ["model.name=wrn", "model.kwargs={depth: 10, width: 1}", "data.pad_to=32",
             "train.epochs=2", "data.train_subset=128", "data.test_subset=100",
@@ -336,20 +336,7 @@ def test_cli_wrn_storage_sparse_resume_equals_uninterrupted(tmp_path, monkeypatc
     full = loop.train(cfg, tmp_path / "full", progress=False)
     ckpt = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=False)
     assert any(k.endswith("stem.values") for k in ckpt["model"])  # the convs were truly sparse
-    real_evaluate = loop.evaluate
-    calls = {"n": 0}
-
-    def crash_in_epoch_2(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return real_evaluate(*a, **k)
-
-    monkeypatch.setattr(loop, "evaluate", crash_in_epoch_2)
-    with pytest.raises(KeyboardInterrupt):
-        loop.train(cfg, tmp_path / "crash", progress=False)
-    monkeypatch.setattr(loop, "evaluate", real_evaluate)
-    resumed = loop.train(cfg, tmp_path / "crash", resume=True, progress=False)
+    resumed = crash_in_epoch_2_then_resume(cfg, tmp_path / "crash", monkeypatch)
     assert_same_run(tmp_path / "full", tmp_path / "crash", full, resumed)
 
 
