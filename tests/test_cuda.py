@@ -416,15 +416,7 @@ def test_compiled_sparse_linear_matches_eager():
     for mode in ("eager", "compiled"):
         model, sp, opt = build("set", "sparse", torch.optim.SGD)
         fwd = torch.compile(model, fullgraph=True) if mode == "compiled" else model
-        losses = []
-        for t in range(6):
-            x, y = batch(t)
-            loss = F.cross_entropy(fwd(x), y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sp.step()
-            losses.append(loss.item())
+        losses, _ = train(fwd, sp, opt, 6)
         runs[mode] = (sp, losses)
     assert counters["stats"]["unique_graphs"] == 1, "recompiled after a topology update"
     assert runs["compiled"][1] == pytest.approx(runs["eager"][1], rel=1e-4, abs=1e-5)
