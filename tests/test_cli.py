@@ -220,3 +220,13 @@ def test_eval_every_skips_test_epochs_but_always_evaluates_the_last(tmp_path):
     accs = [r["test_acc"] for r in epochs if r["kind"] == "epoch"]
     assert [a is None for a in accs] == [True, False, False]  # epoch 2 (every 2nd) and 3 (last)
     assert summary["test_acc"] == accs[-1]
+
+
+def test_progress_bar_memory_is_the_resident_set():
+    """The progress bar's rss= is this process's resident memory now: positive, at most its peak."""
+    import resource
+
+    from sparsegrow.experiments.loop import memory_now
+    rss = float(memory_now(torch.device("cpu"))["rss"].rstrip("G"))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
+    assert 0.01 < rss <= peak + 0.01

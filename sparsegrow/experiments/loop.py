@@ -27,6 +27,7 @@ be shortened, to more epochs than it has trained.
 from __future__ import annotations
 
 import inspect
+import os
 import platform
 import resource
 import time
@@ -73,6 +74,20 @@ class Timer:
 
 
 @torch.no_grad()
+def memory_now(device: torch.device) -> dict[str, str]:
+    """The process's resident memory now (and the CUDA memory its tensors hold), for the progress
+    bar: {"rss": "1.23G"} (+ {"gpu": ...}); {} where /proc is missing (not Linux)."""
+    out = {}
+    try:
+        with open("/proc/self/statm") as f:
+            out["rss"] = f"{int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE') / 2**30:.2f}G"
+    except (OSError, ValueError, IndexError):
+        pass
+    if device.type == "cuda":
+        out["gpu"] = f"{torch.cuda.memory_allocated(device) / 2**30:.2f}G"
+    return out
+
+
 def evaluate(model, data, batch_size: int, device, dtype=torch.float32) -> tuple[float, float]:
     model.eval()
     loss_sum, correct, n = 0.0, 0, 0
@@ -319,7 +334,7 @@ def _train(cfg: Config, run_dir: Path, resume: bool, progress: bool, device: tor
                 if progress and step % 10 == 0:
                     rep = sparsifier.report()
                     bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}",
-                                    density=f"{rep['global_density']:.4f}")
+                                    density=f"{rep['global_density']:.4f}", **memory_now(device))
                 if cfg.output.checkpoint_steps and step % cfg.output.checkpoint_steps == 0:
                     saving_t0 = time.perf_counter()
                     save_checkpoint(epoch, batch + 1, train_time + saving_t0 - epoch_t0, timer.totals,
