@@ -14,7 +14,8 @@ gradient and optimizer state would not fit (--max-dense-gib).
 Memory: `peak` is the peak resident set (VmHWM) during the timed steps minus the resident set
 before the layer was built, so it covers weights, indices, gradient, optimizer state, the batch's
 activations and every transient. `nnz storage` = bytes of values + all indices the sparse layer
-keeps (values 4 B, col/row_t/perm 8 B each per nnz, plus the row/column pointers).
+keeps (values 4 B, col/row_t/perm 4 B each per nnz as int32, 8 B where a layer needs int64
+indices, plus the row/column pointers; see bench_bytes_per_connection.py for the breakdown).
 
 --device cuda: everything lives on the GPU and every configuration runs in this one process (a
 subprocess each would pay CUDA start-up every time); times are bracketed by

@@ -86,6 +86,14 @@ cases = {
     "col < 0": lambda: kernels.spmm(ptr, torch.tensor([0, 3, -big, 2]), val, xt, 3),
     "int32 idx": lambda: kernels.spmm(ptr, idx.int(), val, xt, 3),
     "int32 ptr": lambda: kernels.sddmm(ptr.int(), idx, a, xt),
+    "int16 both": lambda: kernels.sddmm(ptr.short(), idx.short(), a, xt),
+    "int32 col >= n_cols": lambda: kernels.spmm(ptr.int(), torch.tensor([0, 7, 1, 2]).int(),
+                                                val, xt, 3),
+    "int32 col < 0": lambda: kernels.sddmm(ptr.int(), torch.tensor([0, 3, -5, 2]).int(), a, xt),
+    "int32 ptr[-1] != nnz": lambda: kernels.spmm(torch.tensor([0, 2, 2, 9]).int(), idx.int(),
+                                                 val, xt, 3),
+    "int32 ptr decreasing": lambda: kernels.sddmm(torch.tensor([0, 3, 1, 4]).int(), idx.int(),
+                                                  a, xt),
     "ptr[-1] != nnz": lambda: kernels.spmm(torch.tensor([0, 2, 2, big]), idx, val, xt, 3),
     "ptr decreasing": lambda: kernels.sddmm(torch.tensor([0, 3, 1, 4]), idx, a, xt),
     "ptr length": lambda: kernels.spmm(ptr, idx, val, xt, 5),
@@ -109,8 +117,13 @@ for name, call in cases.items():
 EXPECTED = {
     "col >= n_cols": r"column index 1099511627776 is out of range \[0, 4\)",
     "col < 0": r"column index -1099511627776 is out of range",
-    "int32 idx": r"idx \(column indices\) must be a 1-D int64 tensor, got torch.int32",
-    "int32 ptr": r"ptr \(row pointer\) must be a 1-D int64 tensor",
+    "int32 idx": r"ptr is torch.int64 but idx is torch.int32; they must match",
+    "int32 ptr": r"ptr is torch.int32 but idx is torch.int64; they must match",
+    "int16 both": r"ptr \(row pointer\) must be a 1-D int32 or int64 tensor, got torch.int16",
+    "int32 col >= n_cols": r"column index 7 is out of range \[0, 4\)",
+    "int32 col < 0": r"column index -5 is out of range \[0, 4\)",
+    "int32 ptr[-1] != nnz": r"ptr must run from 0 to nnz = 4 .* ptr\[-1\] = 9",
+    "int32 ptr decreasing": r"ptr must be non-decreasing, but ptr\[2\] = 1 < ptr\[1\] = 3",
     "ptr[-1] != nnz": r"ptr must run from 0 to nnz = 4 .* ptr\[-1\] = 1099511627776",
     "ptr decreasing": r"ptr must be non-decreasing, but ptr\[2\] = 1 < ptr\[1\] = 3",
     "ptr length": r"ptr has 4 entries; a matrix of 5 rows needs n_rows \+ 1 = 6",
@@ -150,23 +163,23 @@ def fwd_bwd(layer):
     layer(torch.randn(3, 8, requires_grad=True)).sum().backward()
 def col_in_place():
     layer = fresh(); fwd_bwd(layer)
-    layer.col[3] = 1 << 40  # after a first call: the cached validation must notice
+    layer.col[3] = 1 << 30  # after a first call: the cached validation must notice (int32)
     fwd_bwd(layer)
-def col_int32():
-    layer = fresh(); layer.col = layer.col.int(); fwd_bwd(layer)
+def col_int64():  # the layer's indices are int32: crow and col must agree
+    layer = fresh(); layer.col = layer.col.long(); fwd_bwd(layer)
 def crow_in_place():
     layer = fresh(); fwd_bwd(layer)
-    layer.crow[-1] = 1 << 40
+    layer.crow[-1] = 1 << 30
     fwd_bwd(layer)
 def row_t_in_place():  # the transposed view, read by backward only
     layer = fresh(); fwd_bwd(layer)
-    layer.row_t[0] = -(1 << 40)
+    layer.row_t[0] = -(1 << 30)
     fwd_bwd(layer)
 def checkpoint():
     sd = copy.deepcopy(fresh().state_dict())
     sd["crow"][2] = 100
     fresh().load_state_dict(sd)
-for name, call in dict(col_in_place=col_in_place, col_int32=col_int32,
+for name, call in dict(col_in_place=col_in_place, col_int64=col_int64,
                        crow_in_place=crow_in_place, row_t_in_place=row_t_in_place,
                        checkpoint=checkpoint).items():
     try:
@@ -177,10 +190,10 @@ for name, call in dict(col_in_place=col_in_place, col_int32=col_int32,
 """
 
 LAYER_EXPECTED = {
-    "col_in_place": r"column index 1099511627776 is out of range \[0, 8\)",
-    "col_int32": r"idx \(column indices\) must be a 1-D int64 tensor, got torch.int32",
-    "crow_in_place": r"ptr must run from 0 to nnz = 8 .* ptr\[-1\] = 1099511627776",
-    "row_t_in_place": r"column index -1099511627776 is out of range \[0, 6\)",
+    "col_in_place": r"column index 1073741824 is out of range \[0, 8\)",
+    "col_int64": r"ptr is torch.int32 but idx is torch.int64; they must match",
+    "crow_in_place": r"ptr must run from 0 to nnz = 8 .* ptr\[-1\] = 1073741824",
+    "row_t_in_place": r"column index -1073741824 is out of range \[0, 6\)",
     "checkpoint": r"checkpoint CSR is invalid: ptr must be non-decreasing",
 }
 
@@ -294,6 +307,6 @@ def test_compiled_layer_validates_like_eager():
     compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
     x = torch.randn(3, 8)
     torch.testing.assert_close(compiled(x), layer(x))
-    layer.col[3] = 1 << 40
-    with pytest.raises(ValueError, match=r"column index 1099511627776 is out of range \[0, 8\)"):
+    layer.col[3] = 1 << 30
+    with pytest.raises(ValueError, match=r"column index 1073741824 is out of range \[0, 8\)"):
         compiled(x)

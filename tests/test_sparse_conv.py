@@ -31,8 +31,8 @@ def assert_valid(layer: SparseConv2d, nnz: int) -> None:
     assert layer.crow.numel() == n + 1 and int(layer.crow[-1]) == nnz == layer.values.numel()
     active = layer.active()
     assert bool((active[1:] > active[:-1]).all()) and int(active[-1]) < n * m
-    assert torch.equal(layer.col[layer.perm] * n + layer.row_t,
-                       torch.sort(layer.col * n + layer.rows()).values)
+    assert torch.equal(layer.col[layer.perm].long() * n + layer.row_t,
+                       torch.sort(layer.col.long() * n + layer.rows()).values)
 
 
 class ConvNet(nn.Module):

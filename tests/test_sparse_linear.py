@@ -60,7 +60,7 @@ def assert_valid_csr(layer: sl.SparseLinear, nnz: int | None = None):
     active = layer.active()
     assert bool((active[1:] > active[:-1]).all()), "active set not sorted / has duplicates"
     # the transposed view lists the same connections in column-major order
-    t_active = layer.col[layer.perm] * n + layer.row_t
+    t_active = layer.col[layer.perm].long() * n + layer.row_t  # flat indices: int64
     assert bool((t_active[1:] > t_active[:-1]).all())
     assert torch.equal(kernels.rows_of(layer.ccol), layer.col[layer.perm])
     if nnz is not None:

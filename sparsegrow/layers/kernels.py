@@ -1,7 +1,9 @@
 """Sparse x dense kernels for truly sparse layers: SpMM and SDDMM on a CSR weight.
 
-A weight W (n_rows, n_cols) is stored in CSR: `ptr` (n_rows + 1,) int64, `idx` (nnz,) int64
-column indices sorted within each row, `val` (nnz,). Activations are passed *feature-major*,
+A weight W (n_rows, n_cols) is stored in CSR: `ptr` (n_rows + 1,), `idx` (nnz,) column indices
+sorted within each row, `val` (nnz,). ptr and idx are int32 or int64, both the same: every backend
+reads int32 natively (the C kernels are compiled for both index types; nothing is widened per
+call), so a layer whose dimensions and nnz fit in int32 stores 4 bytes per index, not 8. Activations are passed *feature-major*,
 i.e. transposed to (features, B) and contiguous, so each nnz touches one contiguous row of B
 numbers:
 
@@ -25,7 +27,8 @@ float32 inside (the sum over a row's nnz accumulates in float32) and the result 
 
 Validation: C reads through raw pointers and the torch backend builds its CSR tensor with
 check_invariants=False, so every call first checks what it is given, and a bad index is a
-ValueError naming it. O(1) checks (dtypes, devices, contiguity, sizes) run on every call; the
+ValueError naming it. O(1) checks (dtypes: ptr and idx int32 or int64 and the same, devices,
+contiguity, sizes) run on every call; the
 O(n_rows + nnz) ones (ptr[0] == 0, ptr non-decreasing, ptr[-1] == nnz, 0 <= idx < n_cols) run
 once per version of the index tensors: a (ptr, idx) pair is remembered by identity (weakref) and
 `_version`, which every in-place write bumps, so a layer pays them once per topology update.
@@ -75,10 +78,13 @@ _WIDEN = {torch.bfloat16: torch.float32, torch.float16: torch.float32}  # comput
 _checked: dict[tuple[int, int], tuple] = {}  # (id(ptr), id(idx)) -> (ref, ref, stamp)
 
 
+INDEX_DTYPES = (torch.int32, torch.int64)  # what ptr and idx may be (both the same)
+
+
 def _check_index(t: torch.Tensor, what: str, op: str) -> None:
-    if t.dtype != torch.long or t.dim() != 1:
-        raise ValueError(f"{op}: {what} must be a 1-D int64 tensor, got {t.dtype} of shape "
-                         f"{tuple(t.shape)}")
+    if t.dtype not in INDEX_DTYPES or t.dim() != 1:
+        raise ValueError(f"{op}: {what} must be a 1-D int32 or int64 tensor, got {t.dtype} of "
+                         f"shape {tuple(t.shape)}")
     if not t.is_contiguous():
         raise ValueError(f"{op}: {what} must be contiguous")
 
@@ -103,13 +109,16 @@ def check_csr(ptr: torch.Tensor, idx: torch.Tensor, n_rows: int, n_cols: int,
               op: str = "csr") -> None:
     """Raise ValueError unless (ptr, idx) is a valid CSR pattern of an (n_rows, n_cols) matrix.
 
-    ptr (n_rows + 1,) int64 with ptr[0] == 0, non-decreasing, ptr[-1] == nnz; idx (nnz,) int64 in
-    [0, n_cols). The O(nnz) part is skipped when this exact (ptr, idx) pair passed it unchanged.
+    ptr (n_rows + 1,) with ptr[0] == 0, non-decreasing, ptr[-1] == nnz; idx (nnz,) in [0, n_cols);
+    both int32 or both int64. The O(nnz) part is skipped when this exact (ptr, idx) pair passed it unchanged.
     """
     _check_index(ptr, "ptr (row pointer)", op)
     _check_index(idx, "idx (column indices)", op)
     if ptr.device != idx.device:
         raise ValueError(f"{op}: ptr is on {ptr.device} but idx on {idx.device}")
+    if ptr.dtype != idx.dtype:
+        raise ValueError(f"{op}: ptr is {ptr.dtype} but idx is {idx.dtype}; they must match "
+                         "(both int32 or both int64)")
     if n_rows < 0 or ptr.numel() != n_rows + 1:
         raise ValueError(f"{op}: ptr has {ptr.numel()} entries; a matrix of {n_rows} rows needs "
                          f"n_rows + 1 = {n_rows + 1}")
@@ -184,34 +193,36 @@ _C_SOURCE = r"""
 /* One CSR row per iteration; x rows of B numbers are prefetched 8 nnz ahead (the loads are
    random over a (n_cols, B) array that exceeds L2, so the kernel is latency bound). */
 #define PREFETCH(base, k, end, B, T) \
-  if ((k) + 8 < (end)) { const char* q = (const char*)((base) + idx[(k) + 8] * (B)); \
+  if ((k) + 8 < (end)) { const char* q = (const char*)((base) + (int64_t)idx[(k) + 8] * (B)); \
     for (int64_t o = 0; o < (B) * (int64_t)sizeof(T); o += 64) __builtin_prefetch(q + o); }
-#define DEF(T, SUF)                                                                          \
-void sg_spmm_##SUF(const int64_t* ptr, const int64_t* idx, const T* val, const T* X, T* Y,  \
+/* T: the value type, I: the index type of ptr and idx (int32_t or int64_t); positions k and
+   offsets are computed in int64_t whatever I is. */
+#define DEF(T, I, SUF)                                                                       \
+void sg_spmm_##SUF(const I* ptr, const I* idx, const T* val, const T* X, T* Y,  \
                    int64_t n_rows, int64_t B, int nthreads) {                                \
   _Pragma("omp parallel for schedule(dynamic, 64) num_threads(nthreads)")                   \
   for (int64_t r = 0; r < n_rows; ++r) {                                                     \
     T* y = Y + r * B;                                                                        \
     for (int64_t b = 0; b < B; ++b) y[b] = 0;                                                \
-    const int64_t end = ptr[r + 1];                                                          \
-    for (int64_t k = ptr[r]; k < end; ++k) {                                                 \
+    const int64_t end = (int64_t)ptr[r + 1];                                                          \
+    for (int64_t k = (int64_t)ptr[r]; k < end; ++k) {                                                 \
       PREFETCH(X, k, end, B, T)                                                              \
       const T v = val[k];                                                                    \
-      const T* x = X + idx[k] * B;                                                           \
+      const T* x = X + (int64_t)idx[k] * B;                                                           \
       _Pragma("omp simd")                                                                    \
       for (int64_t b = 0; b < B; ++b) y[b] += v * x[b];                                      \
     }                                                                                        \
   }                                                                                          \
 }                                                                                            \
-void sg_sddmm_##SUF(const int64_t* ptr, const int64_t* idx, const T* A, const T* Bm, T* out,\
+void sg_sddmm_##SUF(const I* ptr, const I* idx, const T* A, const T* Bm, T* out,\
                     int64_t n_rows, int64_t B, int nthreads) {                               \
   _Pragma("omp parallel for schedule(dynamic, 64) num_threads(nthreads)")                   \
   for (int64_t r = 0; r < n_rows; ++r) {                                                     \
     const T* a = A + r * B;                                                                  \
-    const int64_t end = ptr[r + 1];                                                          \
-    for (int64_t k = ptr[r]; k < end; ++k) {                                                 \
+    const int64_t end = (int64_t)ptr[r + 1];                                                          \
+    for (int64_t k = (int64_t)ptr[r]; k < end; ++k) {                                                 \
       PREFETCH(Bm, k, end, B, T)                                                             \
-      const T* bm = Bm + idx[k] * B;                                                         \
+      const T* bm = Bm + (int64_t)idx[k] * B;                                                         \
       T s = 0;                                                                               \
       _Pragma("omp simd reduction(+:s)")                                                     \
       for (int64_t b = 0; b < B; ++b) s += a[b] * bm[b];                                     \
@@ -219,8 +230,10 @@ void sg_sddmm_##SUF(const int64_t* ptr, const int64_t* idx, const T* A, const T*
     }                                                                                        \
   }                                                                                          \
 }
-DEF(float, f32)
-DEF(double, f64)
+DEF(float, int64_t, f32_i64)
+DEF(double, int64_t, f64_i64)
+DEF(float, int32_t, f32_i32)
+DEF(double, int32_t, f64_i32)
 /* out[i] = #{j : seq[j] < q[i]} for sorted seq and sorted q: a linear merge */
 void sg_rank_sorted(const int64_t* seq, int64_t n, const int64_t* q, int64_t m, int64_t* out) {
   int64_t j = 0;
@@ -233,7 +246,7 @@ void sg_rank_sorted(const int64_t* seq, int64_t n, const int64_t* q, int64_t m, 
 
 _P, _I64, _I32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 _SIGNATURES = {f"sg_{op}_{suf}": ([_P, _P, _P, _P, _P, _I64, _I64, _I32], None)
-               for op in ("spmm", "sddmm") for suf in ("f32", "f64")}
+               for op in ("spmm", "sddmm") for suf in ("f32_i64", "f64_i64", "f32_i32", "f64_i32")}
 _SIGNATURES["sg_rank_sorted"] = ([_P, _I64, _P, _I64, _P], None)
 
 
@@ -242,7 +255,12 @@ def _c_lib():
     return _native.load("kernels", _C_SOURCE, _SIGNATURES)
 
 
-_SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
+_SUFFIX = {torch.float32: "f32", torch.float64: "f64", torch.int32: "i32", torch.int64: "i64"}
+
+
+def _c_fn(op: str, val_dtype: torch.dtype, index_dtype: torch.dtype):
+    """The C kernel for (value type, index type), e.g. sg_spmm_f32_i32."""
+    return getattr(_c_lib(), f"sg_{op}_{_SUFFIX[val_dtype]}_{_SUFFIX[index_dtype]}")
 
 
 def _use_c(device: torch.device) -> bool:
@@ -267,7 +285,7 @@ def _spmm(ptr, idx, val, xt, n_rows):
         return spmm_reference(ptr, idx, val, xt, n_rows)
     if _use_c(xt.device):
         out = torch.empty(n_rows, xt.shape[1], dtype=xt.dtype)
-        getattr(_c_lib(), f"sg_spmm_{_SUFFIX[xt.dtype]}")(
+        _c_fn("spmm", xt.dtype, idx.dtype)(
             ptr.data_ptr(), idx.data_ptr(), val.data_ptr(), xt.data_ptr(), out.data_ptr(),
             n_rows, xt.shape[1], torch.get_num_threads())
         return out
@@ -279,7 +297,7 @@ def _sddmm(ptr, idx, a, b):
         return sddmm_reference(ptr, idx, a, b)
     if _use_c(a.device):
         out = torch.empty(idx.numel(), dtype=a.dtype)
-        getattr(_c_lib(), f"sg_sddmm_{_SUFFIX[a.dtype]}")(
+        _c_fn("sddmm", a.dtype, idx.dtype)(
             ptr.data_ptr(), idx.data_ptr(), a.data_ptr(), b.data_ptr(), out.data_ptr(),
             ptr.numel() - 1, a.shape[1], torch.get_num_threads())
         return out

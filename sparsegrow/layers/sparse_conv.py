@@ -129,6 +129,7 @@ class SparseConv2d(CSRModule):
     active: sorted flat indices j * (in·kh·kw) + i into weight.view(out, -1), (nnz,).
     values: their initial weights (nnz,); default nn.Conv2d's U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
     min_per_row: every output channel must keep at least this many inputs.
+    index_dtype: as SparseLinear's (None: int32 where it fits).
     """
 
     conv2d_like = True  # read by signals.is_conv2d: search grow unfolds its input like a Conv2d's
@@ -137,7 +138,7 @@ class SparseConv2d(CSRModule):
                  values: torch.Tensor | None = None, bias: bool | torch.Tensor = True, *,
                  stride=1, padding=0, dilation=1, groups: int = 1, padding_mode: str = "zeros",
                  min_per_row: int = 0, generator: torch.Generator | None = None,
-                 device=None, dtype=None):
+                 device=None, dtype=None, index_dtype: torch.dtype | None = None):
         super().__init__()
         if groups != 1:
             raise ValueError(f"SparseConv2d: groups={groups}; only groups=1 is supported (a "
@@ -151,7 +152,7 @@ class SparseConv2d(CSRModule):
         self.padding = _resolve_padding(padding, self.kernel_size, self.stride, self.dilation)
         self.groups, self.padding_mode = 1, "zeros"
         self._init_csr(out_channels, self.in_channels * math.prod(self.kernel_size), active,
-                       values, bias, min_per_row, generator, device, dtype)
+                       values, bias, min_per_row, generator, device, dtype, index_dtype)
 
     # -- construction / conversion -----------------------------------------------------------
 

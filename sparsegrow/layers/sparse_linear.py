@@ -6,10 +6,15 @@
 The weight W (N=out, M=in) is stored as
     values  (nnz,)   nn.Parameter, row-major order: the same order as the sorted flat indices
                      j * M + i, so position k of `values` is the k-th active connection
-    crow    (N+1,)   int64 CSR row pointer;   col (nnz,) int64 column of each value
+    crow    (N+1,)   CSR row pointer;   col (nnz,) column of each value
     ccol, row_t, perm  the transposed (CSC) view backward needs: ccol (M+1,), row_t (nnz,) and
                      perm (nnz,) with values[perm] in column-major order (rebuilt on updates,
                      not saved in checkpoints)
+All five index buffers share one dtype, `index_dtype(N, M, nnz)`: int32 when N, M and nnz fit
+in int32 (any layer below 2^31 units a side and 2^31 connections), else int64; re-chosen when a
+topology update changes nnz. Flat indices (`active()`, row * M + col, everything the Sparsifier
+sees) are always int64 and computed in int64: 1,000,000^2 overflows int32. A checkpoint holding
+int64 buffers (older runs) loads into an int32 layer and vice versa (cast on load).
 
 Forward Y = X W^T and dX = dY W are sparse x dense products (SpMM), the weight gradient is
 needed at the nnz only, dW[k] = sum_b dY[b, row_k] X[b, col_k] (SDDMM); see kernels.py. The
@@ -50,6 +55,18 @@ from ..updater import STORAGES
 from . import kernels
 
 _AUTOCAST = (torch.float32, torch.bfloat16, torch.float16)  # the dtypes autocast mixes
+_INT32_MAX = torch.iinfo(torch.int32).max
+# Tests only: force every new layer's index dtype (None: choose by `index_dtype`). A layer's own
+# `index_dtype=` constructor argument wins over this.
+_FORCE_INDEX_DTYPE: torch.dtype | None = None
+
+
+def index_dtype(n_rows: int, n_cols: int, nnz: int) -> torch.dtype:
+    """The dtype of a CSR layer's index buffers (crow, col, ccol, row_t, perm): int32 when every
+    value they hold fits (row and column indices < n_rows, n_cols; pointers and positions <= nnz),
+    else int64. Flat indices row * n_cols + col never use it: they are int64."""
+    fits = max(int(n_rows), int(n_cols), int(nnz)) <= _INT32_MAX
+    return torch.int32 if fits else torch.int64
 
 
 class _SparseLinearFn(torch.autograd.Function):
@@ -144,8 +161,13 @@ class CSRModule(nn.Module):
 
     def _init_csr(self, n_rows: int, n_cols: int, active: torch.Tensor,
                   values: torch.Tensor | None, bias: bool | torch.Tensor, min_per_row: int,
-                  generator: torch.Generator | None, device, dtype) -> None:
+                  generator: torch.Generator | None, device, dtype,
+                  index_dtype: torch.dtype | None = None) -> None:
         self.n_rows, self.n_cols = int(n_rows), int(n_cols)
+        forced = index_dtype if index_dtype is not None else _FORCE_INDEX_DTYPE
+        if forced is not None and forced not in kernels.INDEX_DTYPES:
+            raise ValueError(f"index_dtype={forced}; allowed: torch.int32, torch.int64")
+        self._forced_index_dtype = forced  # None: chosen from the shape and nnz
         self.min_per_row = int(min_per_row)
         device = torch.device(device) if device is not None else active.device
         dtype = dtype or (values.dtype if values is not None else torch.get_default_dtype())
@@ -193,13 +215,27 @@ class CSRModule(nn.Module):
     def density(self) -> float:
         return self.nnz() / (self.n_rows * self.n_cols)
 
+    def index_dtype(self) -> torch.dtype:
+        """The dtype of the index buffers (crow, col, ccol, row_t, perm)."""
+        return self.col.dtype
+
+    def _choose_index_dtype(self, nnz: int) -> torch.dtype:
+        forced = getattr(self, "_forced_index_dtype", None)
+        if forced is None:
+            return index_dtype(self.n_rows, self.n_cols, nnz)
+        if forced == torch.int32 and index_dtype(self.n_rows, self.n_cols, nnz) != torch.int32:
+            raise ValueError(f"index_dtype=torch.int32 cannot hold a {self.n_rows}x{self.n_cols} "
+                             f"weight with {nnz} connections")
+        return forced
+
     def rows(self) -> torch.Tensor:
-        """Row (output unit) of every nnz, (nnz,)."""
+        """Row (output unit) of every nnz, (nnz,) int64."""
         return kernels.rows_of(self.crow)
 
     def active(self) -> torch.Tensor:
-        """Sorted flat indices row * n_cols + col, (nnz,)."""
-        return self.rows() * self.n_cols + self.col
+        """Sorted flat indices row * n_cols + col, (nnz,) int64 (computed in int64 whatever the
+        index dtype: rows() is int64, so the product cannot overflow int32)."""
+        return self.rows() * self.n_cols + self.col.long()
 
     def to_dense_module(self) -> nn.Module:
         """The dense module (nn.Linear / nn.Conv2d) holding W (zeros off the active set)."""
@@ -238,12 +274,15 @@ class CSRModule(nn.Module):
         # Column-major order of the same nnz: a stable sort by column keeps rows ascending.
         perm = torch.sort(col, stable=True).indices
         per_col = torch.bincount(col, minlength=m)
+        # computed in int64 (transient, once per update), stored in the layer's index dtype
+        it = self._choose_index_dtype(active.numel())
         new = {"crow": torch.cat([per_row.new_zeros(1), torch.cumsum(per_row, 0)]), "col": col,
                "ccol": torch.cat([per_col.new_zeros(1), torch.cumsum(per_col, 0)]),
                "perm": perm, "row_t": rows[perm]}
         for name, value in new.items():
+            value = value.to(it)
             buf = getattr(self, name)
-            if buf.shape == value.shape and not buf.is_inference():
+            if buf.shape == value.shape and buf.dtype == value.dtype and not buf.is_inference():
                 # nnz is constant across updates: write in place, so the buffers keep their
                 # storage (compiled graphs and CUDA graphs hold them; no recompile, no re-record)
                 buf.copy_(value)
@@ -255,7 +294,9 @@ class CSRModule(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # The topology in the checkpoint may differ in nnz: resize before the default copy,
-        # keeping the Parameter object (optimizer.state is keyed by it).
+        # keeping the Parameter object (optimizer.state is keyed by it). The buffers take the
+        # checkpoint's index dtype (int64 from older runs, or int32) until it is validated, then
+        # _set_topology stores them in this layer's index dtype.
         for name in ("crow", "col"):
             if prefix + name in state_dict:
                 setattr(self, name, torch.empty_like(state_dict[prefix + name], device=self.crow.device))
@@ -281,16 +322,18 @@ class SparseLinear(CSRModule):
     values: their initial weights (nnz,); default nn.Linear's U(-1/sqrt(in), 1/sqrt(in)).
     min_per_row: every output unit must keep at least this many inputs (checked at construction
         and after every topology update; 0 allows empty rows).
+    index_dtype: None (default) chooses int32 indices where they fit (see `index_dtype`); pass
+        torch.int64 (or torch.int32) to force one, e.g. to compare the two.
     """
 
     def __init__(self, in_features: int, out_features: int, active: torch.Tensor,
                  values: torch.Tensor | None = None, bias: bool | torch.Tensor = True, *,
                  min_per_row: int = 0, generator: torch.Generator | None = None,
-                 device=None, dtype=None):
+                 device=None, dtype=None, index_dtype: torch.dtype | None = None):
         super().__init__()
         self.in_features, self.out_features = int(in_features), int(out_features)
         self._init_csr(out_features, in_features, active, values, bias, min_per_row, generator,
-                       device, dtype)
+                       device, dtype, index_dtype)
 
     # -- construction / conversion -----------------------------------------------------------
 
