@@ -12,7 +12,7 @@ def _run(method: str, seed: int, acc: float, density: float = 0.01) -> dict:
            "search": {"backend": "exact", "metric": "abs_ip", "k_similar": 0.15, "bits": 1.0},
            "signal": {}}
     summ = {"seed": seed, "test_acc": acc, "density": density, "epochs": 10, "train_time_s": 1.0,
-            "update_time_s": 0.1}
+            "update_time_s": 0.1, "itop": density * (1 if method == "static" else 3 + seed)}
     return {"config": cfg, "summary": summ, "dir": None}
 
 
@@ -40,3 +40,11 @@ def test_paired_table_compares_within_density_and_gives_a_verdict():
     assert rows["set"].rstrip(" |").endswith("no difference")
     other = [r for r in table.splitlines()[2:] if "| 0.05 |" in r]
     assert len(other) == 1 and "(reference)" in other[0]
+
+
+def test_itop_column_is_the_mean_final_itop_of_the_row():
+    runs = [_run("set", s, 0.8) for s in range(3)] + [_run("static", s, 0.8) for s in range(3)]
+    table = grouped_table(runs, itop=True).splitlines()
+    assert table[0].split(" | ")[-2] == "ITOP"
+    cells = {r.split(" | ")[1]: r.split(" | ")[-2] for r in table[2:]}
+    assert cells == {"set": "0.0400 ± 0.0100", "static": "0.0100 ± 0.0000"}

@@ -85,7 +85,8 @@ def _cmd_report(args) -> int:
 
         text = thesis_report(runs)
     else:
-        text = runs_table(runs) if args.per_run else grouped_table(runs, ci=args.ci, paired=args.paired)
+        text = runs_table(runs) if args.per_run else grouped_table(runs, ci=args.ci, paired=args.paired,
+                                                                  itop=args.itop)
     if args.out:
         Path(args.out).write_text(text)
     print(text, end="")
@@ -168,6 +169,8 @@ def make_parser() -> argparse.ArgumentParser:
     r.add_argument("--thesis", action="store_true", help="the thesis's table columns (docs/thesis.md)")
     r.add_argument("--ci", action="store_true",
                    help="add the 95%% confidence interval of the mean test accuracy (t over seeds)")
+    r.add_argument("--itop", action="store_true",
+                   help="add the final ITOP rate (share of all connections ever active)")
     r.add_argument("--paired", metavar="METHOD",
                    help="add each row's accuracy difference to the row of METHOD (its report label, "
                    "e.g. set or static) at the same density, paired by seed, with a 95%% CI")

@@ -167,8 +167,10 @@ def _paired_cells(key, members, groups, ref: str) -> list[str]:
     return [f"{mean:+.2f} [{lo:+.2f}, {hi:+.2f}]", str(n), verdict]
 
 
-def grouped_table(runs: list[dict], ci: bool = False, paired: str | None = None) -> str:
+def grouped_table(runs: list[dict], ci: bool = False, paired: str | None = None,
+                  itop: bool = False) -> str:
     """One row per group of seeds; ci: add the 95% confidence interval of the mean accuracy;
+    itop: add the final ITOP rate (share of all connections ever active, Liu et al. 2021);
     paired: add each row's test-accuracy difference to the row of that method (same model,
     density, schedule and epochs) over the seeds both have, with its 95% CI (paired t)."""
     rows = []
@@ -183,8 +185,10 @@ def grouped_table(runs: list[dict], ci: bool = False, paired: str | None = None)
             mean_std([s["update_time_s"] for s in summ]),
             mean_std([s["test_acc"] for s in summ], scale=100),
             *([ci95([s["test_acc"] for s in summ], scale=100)] if ci else []),
+            *([mean_std([s["itop"] for s in summ], digits=4)] if itop else []),
             str(len(members)),
             *(_paired_cells(key, members, groups, paired) if paired else []),
         ])
     extra = [f"Δ acc vs {paired} (paired, 95% CI)", "pairs", "verdict"] if paired else []
-    return _markdown(COLUMNS + (["95% CI (%)"] if ci else []) + ["seeds"] + extra, rows)
+    return _markdown(COLUMNS + (["95% CI (%)"] if ci else []) + (["ITOP"] if itop else [])
+                     + ["seeds"] + extra, rows)
