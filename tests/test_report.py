@@ -48,3 +48,13 @@ def test_itop_column_is_the_mean_final_itop_of_the_row():
     assert table[0].split(" | ")[-2] == "ITOP"
     cells = {r.split(" | ")[1]: r.split(" | ")[-2] for r in table[2:]}
     assert cells == {"set": "0.0400 ± 0.0100", "static": "0.0100 ± 0.0000"}
+
+
+def test_models_of_other_sizes_are_other_rows():
+    """Runs of one model name with other kwargs (widths, depth) are never averaged as seeds."""
+    runs = [_run("static", s, 0.8) for s in range(2)]
+    wide = [_run("static", s, 0.9) for s in range(2)]
+    for r in wide:
+        r["config"]["model"] = {"name": "lenet300100", "kwargs": {"hidden": [1000, 1000]}}
+    labels = [r.split(" | ")[0].lstrip("| ") for r in grouped_table(runs + wide).splitlines()[2:]]
+    assert labels == ["lenet300100", "lenet300100(hidden=1000x1000)"]

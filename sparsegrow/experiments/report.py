@@ -38,7 +38,7 @@ def _row_key(run: dict) -> dict:
     else:
         alpha = f"{sp['fraction']:g}" if drop_grow else "-"
     return OrderedDict([
-        ("model", c["model"]["name"]),
+        ("model", model_label(c["model"])),
         ("method", method + fan + (f"/{sp['grow']}" if sp.get("grow") else "")
          + (_search_settings(c) if grow == "search" and drop_grow else "") + storage),
         # a learned density is an outcome, not a setting: it is averaged in the table, not grouped on.
@@ -48,6 +48,17 @@ def _row_key(run: dict) -> dict:
         ("α", alpha),
         ("epochs", _epochs(c, s)),
     ])
+
+
+def model_label(model: dict) -> str:
+    """The model's name and the kwargs that shape it: "mlp(hidden=1000x1000)", "wrn(depth=10,
+    width=1)"; runs of one model name at other sizes are other rows, never seeds of one row."""
+    kw = model.get("kwargs") or {}
+
+    def fmt(v):
+        return "x".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)
+
+    return model["name"] + (f"({','.join(f'{k}={fmt(v)}' for k, v in sorted(kw.items()))})" if kw else "")
 
 
 def _epochs(c: dict, s: dict) -> str:
