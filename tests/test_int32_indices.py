@@ -15,6 +15,7 @@ from sparsegrow.layers import kernels
 from sparsegrow.layers import sparse_linear as sl
 from sparsegrow.layers.sparse_conv import SparseConv2d
 from sparsegrow.topology import sample_inactive
+from test_sparse_linear import backend, backends  # noqa: F401 -- `backend` is a pytest fixture
 
 try:
     import sparsegrow.search_grow  # noqa: F401  (registers grow "search" where it exists)
@@ -25,18 +26,6 @@ except ImportError:
 EMPTY = torch.empty(0, dtype=torch.long)
 INDEX_BUFFERS = ("crow", "col", "ccol", "row_t", "perm")
 W = 1_000_000
-
-
-def backends():
-    return ["torch", "reference"] + (["c"] if kernels._c_lib() is not None else [])
-
-
-@pytest.fixture
-def backend(request):
-    old = kernels.get_backend()
-    kernels.set_backend(request.param)
-    yield request.param
-    kernels.set_backend(old)
 
 
 def random_active(n_rows, n_cols, nnz, seed=0):
