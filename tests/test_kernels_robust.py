@@ -16,6 +16,7 @@ import torch
 
 import sparsegrow
 from sparsegrow.layers import kernels
+from test_sparse_linear import backends
 
 REPO = Path(sparsegrow.__file__).resolve().parents[1]  # the checkout under test, not an install
 
@@ -35,6 +36,30 @@ def finish(proc: subprocess.Popen, timeout: float = 300) -> str:
 
 # ---------------------------------------------------------------------------------------------
 # first build: two processes, one empty cache
+
+
+# Appended to a script that defines `cases` (name -> call): one "name|Error|message" line each.
+RUN_CASES = """
+for name, call in cases.items():
+    try:
+        call()
+        print(f"{name}|no error")
+    except Exception as e:
+        print(f"{name}|{type(e).__name__}|{e}")
+"""
+
+
+def assert_value_errors(script: str, expected: dict[str, str], exact_keys: bool = True) -> None:
+    """Run `script` + RUN_CASES in a fresh process; every case must raise a ValueError whose
+    message matches its pattern (and, exact_keys, the script must run exactly those cases)."""
+    out = finish(python(script + RUN_CASES))
+    got = dict(line.split("|", 1) for line in out.strip().splitlines())
+    if exact_keys:
+        assert got.keys() == expected.keys()
+    for name, pattern in expected.items():
+        kind, _, msg = got[name].partition("|")
+        assert kind == "ValueError", f"{name}: {got[name]}"
+        assert re.search(pattern, msg), f"{name}: {msg!r} does not match {pattern!r}"
 
 
 def test_two_processes_build_into_one_empty_cache_once(tmp_path):
@@ -106,12 +131,6 @@ cases = {
     "sddmm B": lambda: kernels.sddmm(ptr, idx, a, torch.randn(4, 6)),
     "unsorted seq": lambda: kernels.searchsorted_sorted(torch.tensor([5, 1, 9]), torch.tensor([2])),
 }
-for name, call in cases.items():
-    try:
-        call()
-        print(f"{name}|no error")
-    except Exception as e:
-        print(f"{name}|{type(e).__name__}|{e}")
 """
 
 EXPECTED = {
@@ -137,19 +156,9 @@ EXPECTED = {
 }
 
 
-def kernel_backends():
-    return ["torch", "reference"] + (["c"] if kernels._c_lib() is not None else [])
-
-
-@pytest.mark.parametrize("backend", kernel_backends())
+@pytest.mark.parametrize("backend", backends())
 def test_bad_kernel_input_is_a_value_error(backend):
-    out = finish(python(BAD_INPUT_CASES.replace("BACKEND", repr(backend))))
-    got = dict(line.split("|", 1) for line in out.strip().splitlines())
-    assert got.keys() == EXPECTED.keys()
-    for name, pattern in EXPECTED.items():
-        kind, _, msg = got[name].partition("|")
-        assert kind == "ValueError", f"{name}: {got[name]}"
-        assert re.search(pattern, msg), f"{name}: {msg!r} does not match {pattern!r}"
+    assert_value_errors(BAD_INPUT_CASES.replace("BACKEND", repr(backend)), EXPECTED)
 
 
 LAYER_CASES = r"""
@@ -179,14 +188,8 @@ def checkpoint():
     sd = copy.deepcopy(fresh().state_dict())
     sd["crow"][2] = 100
     fresh().load_state_dict(sd)
-for name, call in dict(col_in_place=col_in_place, col_int64=col_int64,
-                       crow_in_place=crow_in_place, row_t_in_place=row_t_in_place,
-                       checkpoint=checkpoint).items():
-    try:
-        call()
-        print(f"{name}|no error")
-    except Exception as e:
-        print(f"{name}|{type(e).__name__}|{e}")
+cases = dict(col_in_place=col_in_place, col_int64=col_int64, crow_in_place=crow_in_place,
+             row_t_in_place=row_t_in_place, checkpoint=checkpoint)
 """
 
 LAYER_EXPECTED = {
@@ -198,15 +201,9 @@ LAYER_EXPECTED = {
 }
 
 
-@pytest.mark.parametrize("backend", kernel_backends())
+@pytest.mark.parametrize("backend", backends())
 def test_corrupted_sparse_linear_indices_are_a_value_error(backend):
-    out = finish(python(LAYER_CASES.replace("BACKEND", repr(backend))))
-    got = dict(line.split("|", 1) for line in out.strip().splitlines())
-    assert got.keys() == LAYER_EXPECTED.keys()
-    for name, pattern in LAYER_EXPECTED.items():
-        kind, _, msg = got[name].partition("|")
-        assert kind == "ValueError", f"{name}: {got[name]}"
-        assert re.search(pattern, msg), f"{name}: {msg!r} does not match {pattern!r}"
+    assert_value_errors(LAYER_CASES.replace("BACKEND", repr(backend)), LAYER_EXPECTED)
 
 
 def test_full_index_check_runs_once_per_topology(monkeypatch):
@@ -274,12 +271,6 @@ cases = {
                                                       (torch.zeros(4, 3), torch.zeros(4, 5))),
     "batch": lambda: conv_sketch.conv_sketch_into(conv, (1, 1), x[:1], dz, bucket, sign, out),
 }
-for name, call in cases.items():
-    try:
-        call()
-        print(f"{name}|no error")
-    except Exception as e:
-        print(f"{name}|{type(e).__name__}|{e}")
 """
 
 
@@ -288,14 +279,10 @@ def test_conv_sketch_into_rejects_what_it_would_overrun():
 
     if conv_sketch._lib() is None:
         pytest.skip("no C compiler")
-    out = finish(python(CONV_CASES))
-    got = dict(line.split("|", 1) for line in out.strip().splitlines())
-    expected = {"bucket range": r"bucket indices must lie in \[0, 4\)",
-                "bucket length": r"one entry per row \(B\*Ho\*Wo = 50,\)",
-                "out shape": r"S_x \(4, 18\)", "batch": r"x \(B, C, H, W\) and dz"}
-    for name, pattern in expected.items():
-        kind, _, msg = got[name].partition("|")
-        assert kind == "ValueError" and re.search(pattern, msg), f"{name}: {got[name]}"
+    assert_value_errors(CONV_CASES, {
+        "bucket range": r"bucket indices must lie in \[0, 4\)",
+        "bucket length": r"one entry per row \(B\*Ho\*Wo = 50,\)",
+        "out shape": r"S_x \(4, 18\)", "batch": r"x \(B, C, H, W\) and dz"}, exact_keys=False)
 
 
 def test_compiled_layer_validates_like_eager():
