@@ -3,9 +3,9 @@
 A weight W (n_rows, n_cols) is stored in CSR: `ptr` (n_rows + 1,), `idx` (nnz,) column indices
 sorted within each row, `val` (nnz,). ptr and idx are int32 or int64, both the same: every backend
 reads int32 natively (the C kernels are compiled for both index types; nothing is widened per
-call), so a layer whose dimensions and nnz fit in int32 stores 4 bytes per index, not 8. Activations are passed *feature-major*,
-i.e. transposed to (features, B) and contiguous, so each nnz touches one contiguous row of B
-numbers:
+call), so a layer whose dimensions and nnz fit in int32 stores 4 bytes per index, not 8.
+Activations are passed *feature-major*, i.e. transposed to (features, B) and contiguous, so each
+nnz touches one contiguous row of B numbers:
 
     spmm(ptr, idx, val, xt, n_rows)   -> (n_rows, B)     out[r] = sum_k val[k] * xt[idx[k]]
     sddmm(ptr, idx, a, b)             -> (nnz,)          out[k] = <a[row_k], b[idx[k]]>

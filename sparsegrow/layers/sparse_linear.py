@@ -220,7 +220,7 @@ class CSRModule(nn.Module):
         return self.col.dtype
 
     def _choose_index_dtype(self, nnz: int) -> torch.dtype:
-        forced = getattr(self, "_forced_index_dtype", None)
+        forced = self._forced_index_dtype
         if forced is None:
             return index_dtype(self.n_rows, self.n_cols, nnz)
         if forced == torch.int32 and index_dtype(self.n_rows, self.n_cols, nnz) != torch.int32:
