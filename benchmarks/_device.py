@@ -1,4 +1,4 @@
-"""--device support shared by the step/conv/grow benchmarks (imported from the script's folder).
+"""What the benchmarks share (imported from the script's folder): --device support and timing.
 
 cpu: nothing changes. cuda: one clear error line and exit 2 when CUDA is absent; timings are
 bracketed by torch.cuda.synchronize(); memory is the GPU allocator's peak
@@ -60,3 +60,20 @@ class GpuPeak:
         torch.cuda.synchronize(self.dev)
         self.bytes = torch.cuda.max_memory_allocated(self.dev) - self.base
         return False
+
+
+def median_time(fn, repeats: int, dev: torch.device = torch.device("cpu")) -> float:
+    """Median wall time of fn() over `repeats` calls after one warm-up call (first kernel builds,
+    allocator), each call bracketed by sync(dev)."""
+    import statistics
+    import time
+
+    fn()
+    sync(dev)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        sync(dev)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)

@@ -12,8 +12,8 @@ medians over repeats and the ratios, and checks that both paths give the same sk
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
+import os
+import sys
 
 import torch
 from torch import nn
@@ -21,19 +21,12 @@ from torch import nn
 from sparsegrow import conv_sketch
 from sparsegrow.signals import _conv_padding, _hash_rows, conv_rows
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _device  # noqa: E402
+
 # (in, out, kernel, stride, input H=W): WRN-10-1's convs at 32x32 input
 SHAPES = [(1, 16, 3, 1, 32), (16, 16, 3, 1, 32), (16, 32, 3, 2, 32), (32, 32, 3, 1, 16),
           (16, 32, 1, 2, 32), (32, 64, 3, 2, 16), (64, 64, 3, 1, 8), (32, 64, 1, 2, 16)]
-
-
-def median_time(fn, repeats: int) -> float:
-    fn()  # warm-up (and the kernel's first build)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -75,8 +68,8 @@ def main() -> None:
 
         ref, got = unfolded(), fused()
         assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-3) for a, b in zip(ref, got))
-        t_u, t_f = median_time(unfolded, args.repeats), median_time(fused, args.repeats)
-        t_w = median_time(lambda: torch.nn.grad.conv2d_weight(x, conv.weight.shape, dz, stride=stride,
+        t_u, t_f = _device.median_time(unfolded, args.repeats), _device.median_time(fused, args.repeats)
+        t_w = _device.median_time(lambda: torch.nn.grad.conv2d_weight(x, conv.weight.shape, dz, stride=stride,
                                                               padding=pad), args.repeats)
         tot_u, tot_f = tot_u + t_u, tot_f + t_f
         print(f"| {cin}→{cout}, {k}, {stride}, {hw} | {rows} | {1e3 * t_u:.2f} | {1e3 * t_f:.2f} | "

@@ -12,16 +12,19 @@ median time per batch over repeats and the ratios.
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 import io
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 from torch import nn
 
 import sparsegrow as sg
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _device  # noqa: E402
 
 CASES = [("lenet-300-100", [784, 300, 100, 10], 0.02), ("784-4096-4096-10", [784, 4096, 4096, 10], 0.01)]
 
@@ -33,16 +36,6 @@ def mlp(sizes: list[int]) -> nn.Sequential:
         if i < len(sizes) - 2:
             layers.append(nn.ReLU())
     return nn.Sequential(*layers)
-
-
-def median_time(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -77,8 +70,8 @@ def main() -> None:
             x = torch.randn(b, sizes[0])
             with torch.no_grad():
                 torch.testing.assert_close(loaded(x), dense(x), rtol=1e-4, atol=1e-5)
-                td = median_time(lambda: dense(x), args.repeats)
-                ts = median_time(lambda: loaded(x), args.repeats)
+                td = _device.median_time(lambda: dense(x), args.repeats)
+                ts = _device.median_time(lambda: loaded(x), args.repeats)
             print(f"| {name} | {density} | {dense_bytes / 1e6:.2f} MB | {file_bytes / 1e6:.3f} MB | "
                   f"{dense_bytes / file_bytes:.1f}x smaller | {b} | {td * 1e3:.3f} | {ts * 1e3:.3f} | "
                   f"{td / ts:.2f}x |")
