@@ -51,8 +51,8 @@ def pair_scores(Z: torch.Tensor, X: torch.Tensor, idx: torch.Tensor, chunk: int 
 class SearchGrow(GrowCriterion):
     """The `search` grow criterion. Arguments (all validated here, at construction):
 
-    backend     one of `search.BACKENDS` (exact, faiss-flat, faiss-ivf, faiss-hnsw, faiss-range,
-                hnswlib, lsh)
+    backend     one of `search.BACKENDS` (exact, auto, lowrank, sample-norm, sample-wedge,
+                sample-diamond, faiss-flat, faiss-ivf, faiss-hnsw, faiss-range, hnswlib, lsh)
     metric      ip | abs_ip | l2 (thesis; abs_ip = |G|, RigL's score, the default)
     k_similar   (0, 1]: share of the M candidates searched per query (approximate backends)
     bits        (0, 64]: LSH hash bits per vector dimension (backend lsh)
@@ -62,9 +62,9 @@ class SearchGrow(GrowCriterion):
                 per-query top-k); False is the thesis's per-query rule
     measure     auto | exact | sampled | off: how recall and quality are measured
     measure_max_numel  layers up to this size are measured exactly under "auto"
-    backend_options    dict passed to the backend (e.g. {"nprobe": 8}, {"ef_search": 128})
-    candidates  > 0: pairs drawn per grown connection (sampled backends sample-norm,
-                sample-wedge, sample-diamond; the starting count under auto)
+    backend_options    dict passed to the backend (e.g. {"rank": 8}, {"nprobe": 8})
+    candidates  > 0: pairs scored per grown connection (backends that draw or pick pairs:
+                sample-norm, sample-wedge, sample-diamond, lowrank)
     quality_target  (0, 1]: backend auto picks the cheapest backend expected to reach this
                 quality (Σ|G| chosen / Σ|G| exact top n); the quality it measured on a layer's
                 previous update replaces the expectation for that layer
@@ -112,8 +112,10 @@ class SearchGrow(GrowCriterion):
             self.backend_options.setdefault("seed", seed)
         if candidates is not None:
             check_candidates(candidates)
-            if backend.startswith("sample-"):
+            if getattr(BACKENDS.get(backend), "mode", "knn") == "pairs":  # sample-*, lowrank
                 self.backend_options.setdefault("candidates", candidates)
+        if getattr(BACKENDS.get(backend), "mode", "knn") == "pairs":
+            BACKENDS.get(backend)(**self.backend_options)  # its knobs' errors, at construction
         check_quality_target(quality_target)
         if backend == "auto":
             self.backend_options.setdefault("quality_target", quality_target)
@@ -153,10 +155,9 @@ class SearchGrow(GrowCriterion):
         t1 = time.perf_counter()
         stats.update(self._measure(Z, X, idx, n, excluded))
         sync()
-        choice = info.get("auto_choice", "")
-        if ":" in choice and "quality" in stats:  # auto ran a sampler: remember how it did
-            c = float(choice.split(":")[1])
-            self._seen.setdefault(p.fqn, {})[c] = stats["quality"]
+        c = info.get("auto_candidates")
+        if c is not None and "quality" in stats:  # auto ran a sampler: remember how it did
+            self._seen.setdefault(p.fqn, {})[float(c)] = stats["quality"]
         stats["measure_time_s"] = time.perf_counter() - t1
         return idx.to(ctx.excluded.device)
 

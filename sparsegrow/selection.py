@@ -21,7 +21,9 @@ class NonFiniteScores(ValueError):
 
 def require_finite(t: torch.Tensor, what: str) -> None:
     """Raise NonFiniteScores naming `what` unless every entry of `t` is finite."""
-    if not bool(torch.isfinite(t).all()):
+    # One sum first (a NaN or inf entry makes it non-finite; finite entries rarely overflow it):
+    # the elementwise check, 5x dearer on a 128 x 65,536 signal, only when it is not finite.
+    if not bool(torch.isfinite(t.sum())) and not bool(torch.isfinite(t).all()):
         n_nan, n_inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
         raise NonFiniteScores(f"{what}: {n_nan} NaN and {n_inf} infinite of {t.numel()} values")
 
@@ -55,6 +57,8 @@ def select_top(scores: torch.Tensor, k: int, generator: torch.Generator) -> torc
     tied = torch.nonzero(scores == kth).squeeze(1)
     need = k - above.numel()
     pick = tied[randperm(tied.numel(), generator, tied.device)[:need]]
+    if need == tied.numel():  # every tie taken: the positions >= kth, already in order
+        return torch.nonzero(scores >= kth).squeeze(1)
     return torch.sort(torch.cat([above, pick])).values
 
 

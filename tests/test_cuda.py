@@ -327,6 +327,19 @@ def test_sampled_search_on_device_matches_cpu_draws(sampler):
     assert torch.equal(idx, ref[0]), "sampled pairs differ from CPU"
 
 
+def test_lowrank_search_on_device_matches_cpu():
+    """Guards: `lowrank` (eigh/SVD of the R × R core, rank-k search, SDDMM rescoring) on DEV
+    picks the CPU's pairs (float64), exactly n, none active, no duplicates."""
+    Z, X, ex = _signal(2)
+    ref = top_pairs(Z, X, 120, ex, torch.Generator().manual_seed(0), "lowrank",
+                    backend_options={"rank": 4})
+    got = top_pairs(Z.to(DEV), X.to(DEV), 120, ex.to(DEV), torch.Generator().manual_seed(0),
+                    "lowrank", backend_options={"rank": 4})
+    idx = got[0].cpu()
+    assert idx.numel() == 120 and idx.unique().numel() == 120 and not isin_sorted(idx, ex).any()
+    assert torch.equal(idx, ref[0]), "lowrank pairs differ from CPU"
+
+
 # ---------------------------------------------------------------------------------------------
 # 5. GrowSignals
 

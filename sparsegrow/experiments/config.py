@@ -12,7 +12,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 import yaml
 
@@ -81,6 +81,9 @@ class SearchConfig:
     bits: float = 1.0
     global_threshold: bool = True  # False: the thesis's per-query top-k (misses heavy rows)
     measure: str = "auto"  # recall/quality against exact top-K: auto | exact | sampled | off
+    candidates: Optional[float] = None  # pairs scored per grown connection (sample-*, lowrank)
+    quality_target: float = 0.8  # backend auto: the cheapest backend expected to reach it
+    backend_options: dict = field(default_factory=dict)  # e.g. {rank: 8} (lowrank), {nprobe: 8}
 
 
 @dataclass

@@ -103,6 +103,8 @@ class TopPool:
         if self.excluded.numel():
             free = ~isin_sorted(idx, self.excluded)
             idx, val = idx[free], val[free]
+        elif filtered:  # nothing copied them yet, and the caller may reuse its buffers (exact does)
+            idx, val = idx.clone(), val.clone()
         self._idx.append(idx.to(self.dtype))
         self._val.append(val)
         self.size += idx.numel()
@@ -157,3 +159,23 @@ class TopPool:
         val = val[order]
         pos = select_top(val, k, generator)
         return idx[pos], val[pos]
+
+
+def best_scored(keys: torch.Tensor, scores: torch.Tensor, n: int, excluded: torch.Tensor,
+                numel: int, generator: torch.Generator):
+    """The n best of scored candidates: (sorted flat indices (n,), scores, random_filled).
+
+    keys: sorted distinct inactive flat indices, scores: their scores. Ties at the n-th value are
+    broken with `generator` (as `select_top`); with fewer than n candidates the rest are drawn
+    uniformly among the other inactive pairs (score -inf), so the layer keeps its density."""
+    if keys.numel() >= n:
+        if keys.numel() > n:  # only pairs >= the n-th best can be chosen
+            top = scores >= torch.topk(scores, n, sorted=False).values.min()
+            keys, scores = keys[top], scores[top]
+        pos = select_top(scores, n, generator)
+        return keys[pos], scores[pos], 0
+    missing = n - keys.numel()
+    extra = sample_inactive(numel, union_sorted(excluded, keys), missing, generator, keys.device)
+    idx, order = torch.sort(torch.cat([keys, extra]))
+    val = torch.cat([scores, scores.new_full((missing,), -math.inf)])[order]
+    return idx, val, missing

@@ -102,6 +102,21 @@ def exact_top_pairs(Z: torch.Tensor, X: torch.Tensor, n: int, excluded: torch.Te
     Returns (sorted flat indices (n,), their scores (n,), info) where info reports the work done:
     {"pairs_computed": share of S computed, "passes", "zero_filled", "pool_prunes"}.
     """
+    pool, info = search_pool(Z, X, n, excluded, metric, block_bytes, prune, seed_threshold)
+    # If every inactive pair with a positive score is in the pool and that is fewer than n, the
+    # rest are zeros: drawn at random, as dense selection's tie-break among zeros would.
+    idx, val, zero_filled = pool.result(generator, fill=0.0)
+    return idx, val, {**info, "zero_filled": zero_filled}
+
+
+@torch.no_grad()
+def search_pool(Z: torch.Tensor, X: torch.Tensor, n: int, excluded: torch.Tensor,
+                metric: str = "abs_ip", block_bytes: int | None = None, prune: bool = True,
+                seed_threshold: bool = True) -> tuple[TopPool, dict]:
+    """The search of `exact_top_pairs` up to its pool: a `TopPool` holding every inactive pair
+    of the top n (more when the pool has room; fewer than n only when fewer have a score above
+    the metric's floor), and info {"pairs_computed", "passes", "pool_prunes"}. Callers that
+    rescore the pool (the `lowrank` backend) skip exact selection's tie-break and sort."""
     check_metric(metric)
     R, N = Z.shape
     M = X.shape[1]
@@ -185,12 +200,8 @@ def exact_top_pairs(Z: torch.Tensor, X: torch.Tensor, n: int, excluded: torch.Te
         if pool.size >= n or tau_start <= floor:
             break
         # The seeded threshold was too high (rare): search again from the floor.
-    # If every inactive pair with a positive score is in the pool and that is fewer than n, the
-    # rest are zeros: drawn at random, as dense selection's tie-break among zeros would.
-    idx, val, zero_filled = pool.result(generator, fill=0.0)
-    info = {"pairs_computed": computed / max(numel, 1), "passes": passes,
-            "zero_filled": zero_filled, "pool_prunes": pool.prunes}
-    return idx, val, info
+    return pool, {"pairs_computed": computed / max(numel, 1), "passes": passes,
+                  "pool_prunes": pool.prunes}
 
 
 @BACKENDS.register("exact", "blocked exact search in torch (the oracle; any device)")

@@ -37,10 +37,7 @@ import math
 import torch
 
 from ..layers.kernels import get_backend, searchsorted_sorted, sddmm
-from ..metrics import union_sorted
-from ..selection import select_top
-from ..topology import sample_inactive
-from .base import BACKENDS
+from .base import BACKENDS, best_scored
 from .sample_kernel import row_candidates
 
 SAMPLED_METRICS = ("ip", "abs_ip")
@@ -139,7 +136,7 @@ def _candidates_torch(plan, Z, X, excluded):
     M = X.shape[1]
     j, i, w = plan.draw(Z, X)
     keys, acc = _distinct(j * M + i, w)
-    keep = _free(keys, excluded)
+    keep = free_mask(keys, excluded)
     distinct = int(keep.sum())
     if acc is not None:
         keep &= acc > 0  # diamond: score only pairs whose S² estimate is positive
@@ -174,7 +171,7 @@ def _distinct(keys: torch.Tensor, weights: torch.Tensor | None):
     return keys[new], acc
 
 
-def _free(keys: torch.Tensor, excluded: torch.Tensor) -> torch.Tensor:
+def free_mask(keys: torch.Tensor, excluded: torch.Tensor) -> torch.Tensor:
     """Mask of the sorted `keys` not in the sorted `excluded`: one linear merge on CPU."""
     if excluded.numel() == 0:
         return torch.ones_like(keys, dtype=torch.bool)
@@ -228,19 +225,7 @@ class SampledIndex:
         info = {"sampler": self.sampler, "candidates": float(self.candidates),
                 "draws": int(plan.dptr[-1]), "distinct": distinct, "scored": keys.numel(),
                 "kernel": kernel}
-        if keys.numel() >= n:
-            if keys.numel() > n:  # only pairs >= the n-th best can be chosen
-                kth = torch.topk(scores, n, sorted=False).values.min()
-                top = scores >= kth
-                keys, scores = keys[top], scores[top]
-            pos = select_top(scores, n, generator)  # ties at the n-th value: seeded
-            info["random_filled"] = 0
-            return keys[pos], scores[pos], info
-        missing = n - keys.numel()
-        extra = sample_inactive(numel, union_sorted(excluded, keys), missing, generator, Z.device)
-        idx, order = torch.sort(torch.cat([keys, extra]))
-        val = torch.cat([scores, scores.new_full((missing,), -math.inf)])[order]
-        info["random_filled"] = missing
+        idx, val, info["random_filled"] = best_scored(keys, scores, n, excluded, numel, generator)
         return idx, val, info
 
     # -- the per-query contract ---------------------------------------------------------------

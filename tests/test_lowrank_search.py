@@ -1,0 +1,216 @@
+"""The `lowrank` search backend (issue 13): exact search on S's best rank-k approximation, the
+c · n best candidates rescored exactly; and `auto`'s choice of it by S's spectrum.
+
+Signal families for the quality claims (auto's docstring: quality >= energy on every one):
+low-rank plus noise (the shape of real gradient signals), skewed Gaussian rows, plain Gaussian.
+"""
+import math
+
+import pytest
+import torch
+
+from sparsegrow.search import exact_top_pairs, top_pairs
+from sparsegrow.search.auto import choose
+from sparsegrow.search.lowrank import rank_k_factors, spectrum
+from sparsegrow.search_grow import SearchGrow, pair_scores
+from sparsegrow.selection import NonFiniteScores, require_finite
+from sparsegrow.topology import isin_sorted, sample_inactive
+
+
+def signal(kind: str, N=300, M=400, R=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    if kind == "lowrank+noise":  # rank 4 plus 10% noise, heavy and light units
+        Z = torch.randn(R, 4, generator=g) @ torch.randn(4, N, generator=g)
+        X = torch.randn(R, 4, generator=g) @ torch.randn(4, M, generator=g)
+        Z = (Z + 0.1 * torch.randn(R, N, generator=g)) * torch.rand(N, generator=g) ** 2
+        X = torch.relu(X + 0.1 * torch.randn(R, M, generator=g))
+    elif kind == "skewed":
+        Z = torch.randn(R, N, generator=g) * torch.rand(N, generator=g) ** 3
+        X = torch.relu(torch.randn(R, M, generator=g)) * torch.rand(M, generator=g) ** 3
+    else:
+        Z, X = torch.randn(R, N, generator=g), torch.randn(R, M, generator=g)
+    return Z, X
+
+
+def active(N=300, M=400, density=0.05, seed=1):
+    return sample_inactive(N * M, torch.empty(0, dtype=torch.long), int(density * N * M),
+                           torch.Generator().manual_seed(seed))
+
+
+def lowrank(Z, X, n, ex, seed=0, **options):
+    return top_pairs(Z, X, n, ex, torch.Generator().manual_seed(seed), "lowrank",
+                     backend_options=options)
+
+
+def quality(Z, X, idx, ref):
+    return float(pair_scores(Z, X, idx).sum() / pair_scores(Z, X, ref).sum())
+
+
+@pytest.mark.parametrize("metric", ["abs_ip", "ip"])
+@pytest.mark.parametrize("kind", ["lowrank+noise", "skewed", "gaussian"])
+def test_exactly_n_distinct_inactive_sorted(kind, metric):
+    Z, X = signal(kind)
+    ex = active()
+    for n, c in ((600, 1.5), (3000, 1.0)):
+        idx, val, info = top_pairs(Z, X, n, ex, torch.Generator().manual_seed(0), "lowrank",
+                                   metric, backend_options={"candidates": c})
+        assert idx.numel() == n and idx.unique().numel() == n
+        assert (idx[1:] > idx[:-1]).all()
+        assert not isin_sorted(idx, ex).any()
+        assert info["random_filled"] == 0 and info["scored"] >= n
+        s = (Z.t() @ X).reshape(-1)[idx]  # the returned scores are the exact ones
+        assert torch.allclose(val, s.abs() if metric == "abs_ip" else s, atol=1e-4)
+
+
+def test_active_pairs_crowding_the_top_are_excluded_in_the_pool():
+    # the active set is exactly the top of S: the after-the-fact exclusion leaves too few, so the
+    # search runs again with the pool excluding them; still n inactive pairs, the exact ones
+    Z, X = signal("lowrank+noise")
+    S = (Z.t() @ X).abs().reshape(-1)
+    ex = torch.sort(torch.topk(S, 6000).indices).values
+    ref, _, _ = exact_top_pairs(Z, X, 600, ex, torch.Generator().manual_seed(0))
+    idx, _, info = lowrank(Z, X, 600, ex, rank=32, candidates=1.5)
+    assert info["excluded_in_pool"] is True
+    assert not isin_sorted(idx, ex).any() and idx.numel() == 600
+    assert torch.equal(idx, ref)
+
+
+@pytest.mark.parametrize("kind", ["lowrank+noise", "gaussian"])
+def test_full_rank_equals_exact_search(kind):
+    # rank >= rank(S) = R: S_k = S, so the candidates hold the exact top n and the rescored
+    # selection equals exact search's (same tie-break generator)
+    Z, X = signal(kind)
+    ex = active()
+    ref, _, _ = exact_top_pairs(Z, X, 900, ex, torch.Generator().manual_seed(0))
+    idx, _, info = lowrank(Z, X, 900, ex, rank=32, candidates=1.2)
+    assert info["rank"] == 32 and info["energy"] == pytest.approx(1.0)
+    assert torch.equal(idx, ref)
+
+
+def test_factors_are_the_truncated_svd():
+    Z, X = (t.double() for t in signal("skewed", N=60, M=80, R=12))
+    S = Z.t() @ X
+    U, s, Vh = torch.linalg.svd(S)
+    for k in (1, 3, 12):
+        A, B, energy = rank_k_factors(Z, X, k)
+        best = (U[:, :k] * s[:k]) @ Vh[:k]
+        assert A.shape == (k, 60) and B.shape == (k, 80)
+        assert torch.allclose(A.t() @ B, best, atol=1e-8 * float(s[0]))
+        assert float(energy[k - 1]) == pytest.approx(float((s[:k] ** 2).sum() / (s ** 2).sum()))
+
+
+def test_rank_deficient_and_zero_signals():
+    Z, X = signal("gaussian", N=50, M=70, R=16)
+    Z[8:] = 0  # rank 8
+    sp = spectrum(Z, X)
+    assert sp.s.numel() == 8 and float(sp.energy[-1]) == pytest.approx(1.0)
+    A, B, _ = rank_k_factors(Z, X, 20)  # asked for more than the rank: the rank
+    assert A.shape[0] == 8 and torch.allclose(A.t() @ B, Z.t() @ X, atol=1e-4)
+    ex = active(50, 70)
+    idx, _, _ = lowrank(torch.zeros(16, 50), X, 100, ex)  # S = 0: n inactive pairs anyway
+    assert idx.numel() == 100 and idx.unique().numel() == 100 and not isin_sorted(idx, ex).any()
+
+
+@pytest.mark.parametrize("kind", ["lowrank+noise", "skewed", "gaussian"])
+def test_quality_at_least_energy(kind):
+    # the rule auto relies on: the share of ‖S‖² in the top k singular values is a floor for the
+    # quality of rank k (Σ|G| chosen / Σ|G| exact top n)
+    Z, X = signal(kind, N=600, M=800)
+    ex = active(600, 800, 0.02)
+    ref, _, _ = exact_top_pairs(Z, X, 2000, ex, torch.Generator().manual_seed(0))
+    for k in (2, 4, 8):
+        idx, _, info = lowrank(Z, X, 2000, ex, rank=k)
+        assert quality(Z, X, idx, ref) >= info["energy"] - 0.02, (kind, k, info)
+
+
+def test_more_rank_and_candidates_do_not_hurt_on_a_low_rank_signal():
+    Z, X = signal("lowrank+noise", N=600, M=800)
+    ex = active(600, 800, 0.02)
+    ref, _, _ = exact_top_pairs(Z, X, 2000, ex, torch.Generator().manual_seed(0))
+    q = {(k, c): quality(Z, X, lowrank(Z, X, 2000, ex, rank=k, candidates=c)[0], ref)
+         for k in (1, 4) for c in (1.0, 2.0)}
+    assert q[(4, 2.0)] >= q[(4, 1.0)] - 1e-6 and q[(4, 1.0)] > q[(1, 1.0)]
+    assert q[(4, 2.0)] > 0.99
+
+
+def test_seeded_and_deterministic():
+    Z, X = signal("skewed")
+    ex = active()
+    a, b = lowrank(Z, X, 700, ex, seed=3)[0], lowrank(Z, X, 700, ex, seed=3)[0]
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("options, match", [
+    ({"rank": 0}, "rank must be an int >= 1"), ({"rank": "8"}, "rank must be an int >= 1"),
+    ({"rank": True}, "rank must be an int >= 1"), ({"rank": 2.5}, "rank must be an int >= 1"),
+    ({"candidates": 0}, "candidates must be a number > 0"),
+    ({"candidates": float("nan")}, "candidates must be a number > 0"),
+])
+def test_bad_knobs_are_clear_errors(options, match):
+    Z, X = signal("skewed")
+    with pytest.raises(ValueError, match=match):
+        lowrank(Z, X, 10, active(), **options)
+
+
+def test_l2_is_refused_and_auto_skips_lowrank_for_it():
+    Z, X = signal("lowrank+noise")
+    ex = active()
+    with pytest.raises(ValueError, match="backend 'lowrank' supports metrics ip, abs_ip, not 'l2'"):
+        top_pairs(Z, X, 10, ex, torch.Generator(), "lowrank", metric="l2")
+    _, _, info = top_pairs(Z, X, 10, ex, torch.Generator(), "auto", metric="l2")
+    assert info["auto_choice"] == "exact"
+
+
+def test_search_grow_passes_candidates_to_lowrank():
+    crit = SearchGrow(backend="lowrank", candidates=3.0, backend_options={"rank": 4})
+    assert crit.backend_options["candidates"] == 3.0 and crit.backend_options["rank"] == 4
+    with pytest.raises(ValueError, match="rank must be an int"):  # at construction
+        SearchGrow(backend="lowrank", backend_options={"rank": -1})
+
+
+# -- auto ---------------------------------------------------------------------------------------
+
+def test_auto_picks_the_smallest_rank_whose_energy_reaches_the_target():
+    energy = torch.tensor([0.5, 0.7, 0.75, 0.81, 0.86, 0.9, 0.92, 0.95] + [1.0] * 120,
+                          dtype=torch.float64)
+    backend, k, reason = choose(65536, 65536, 128, 1_290_000, 0.8, "wedge", energy=energy)
+    assert (backend, k) == ("lowrank", 4) and "0.810 >= 0.8" in reason
+    assert choose(65536, 65536, 128, 1_290_000, 0.9, "wedge", energy=energy)[:2] == ("lowrank", 8)
+    flat = torch.linspace(1 / 128, 1, 128, dtype=torch.float64)  # no rank <= 32 reaches 0.8
+    assert choose(65536, 65536, 128, 1_290_000, 0.8, "wedge", energy=flat)[0] == "exact"
+    assert choose(300, 784, 128, 7000, 0.8, "wedge", energy=energy)[0] == "exact"  # tiny layer
+
+
+def test_auto_runs_lowrank_on_a_large_low_rank_signal_and_says_why():
+    # at density 0.001 exact's N·M·R estimate exceeds lowrank's c·n candidates
+    Z, X = signal("lowrank+noise", N=4096, M=4096, R=128)
+    ex = active(4096, 4096, 0.001)
+    n = 5000
+    idx, _, info = top_pairs(Z, X, n, ex, torch.Generator().manual_seed(0), "auto")
+    assert info["auto_choice"] == "lowrank:4" and "rank 4 holds" in info["auto_reason"]
+    assert idx.numel() == n and not isin_sorted(idx, ex).any()
+    assert "auto_candidates" not in info  # only samplers feed SearchGrow's per-layer table
+
+
+# -- what the backend's speed rests on -------------------------------------------------------------
+
+def test_exact_search_without_exclusions_equals_dense_selection():
+    # the pool must own the scores it keeps: exact search reuses its survivor buffers, and with
+    # nothing to exclude the pool once held views of them (wrong scores after the next block)
+    Z, X = signal("skewed", N=900, M=1000)
+    none = torch.empty(0, dtype=torch.long)
+    idx, val, _ = exact_top_pairs(Z, X, 5000, none, torch.Generator().manual_seed(0),
+                                  block_bytes=64 * 1000 * 4)
+    S = (Z.t() @ X).abs().reshape(-1)
+    assert torch.equal(idx, torch.sort(torch.topk(S, 5000).indices).values)
+    assert torch.allclose(val, S[idx], atol=1e-5)
+
+
+def test_require_finite_fast_path_keeps_its_verdicts():
+    big = torch.full((4, 4), 3e38)  # finite, but the sum overflows to inf
+    require_finite(big, "big")  # no error: the elementwise check decides
+    for bad in (float("nan"), math.inf, -math.inf):
+        t = torch.ones(4, 4)
+        t[1, 2] = bad
+        with pytest.raises(NonFiniteScores, match="t: "):
+            require_finite(t, "t")
