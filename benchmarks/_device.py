@@ -77,3 +77,38 @@ def median_time(fn, repeats: int, dev: torch.device = torch.device("cpu")) -> fl
         sync(dev)
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def _status_bytes(field: str) -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
+class MemPeak:
+    """with MemPeak(dev) as p: ...  then p.bytes = the block's peak memory minus the memory in use
+    when it began: on cuda the allocator's (GpuPeak), on CPU the process's resident set (Linux:
+    the VmHWM high-water mark, reset by writing 5 to /proc/self/clear_refs)."""
+
+    def __init__(self, dev: torch.device):
+        self.dev = dev
+        self.gpu = GpuPeak(dev) if dev.type == "cuda" else None
+
+    def __enter__(self):
+        if self.gpu is not None:
+            self.gpu.__enter__()
+            return self
+        gc.collect()
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        self.base = _status_bytes("VmRSS")
+        return self
+
+    def __exit__(self, *exc):
+        if self.gpu is not None:
+            self.gpu.__exit__(*exc)
+            self.bytes = self.gpu.bytes
+        else:
+            self.bytes = _status_bytes("VmHWM") - self.base
+        return False

@@ -1,4 +1,5 @@
-"""Sampled search grow against exact search and random growth, measured in one run (issue 13).
+"""Growth search backends that scale with the pairs they touch (lowrank, the samplers, auto)
+against exact search and random growth, measured in one run (issue 13).
 
 Capture a real signal once (a hidden layer's output gradients dZ and inputs X, B = 128 rows, of
 the MLP 784-4096-4096-10 trained --train-steps SGD steps on Fashion-MNIST; float16, ~2 MB):
@@ -18,6 +19,17 @@ Quality = Σ|G| of the chosen pairs / Σ|G| of exact search's pairs; recall = sh
 pairs chosen. Cost is also given in training steps of the layer: one truly sparse step (SpMM
 forward, SpMM backward, SDDMM weight gradient at the nnz; C kernels) measured at the same size.
 Times are medians over --repeats; each repeat runs every method once, interleaved.
+Above --exact-max-width exact search is not run (at 10⁶² it would take tens of minutes): recall
+and quality are then the row-subset estimate (`search_grow.measure_grow`: --quality-rows random
+rows of G, the pairs chosen in them against exact search's top round(n · rows / N) in them).
+"extra MiB": the call's peak memory above what was in use when it began (CPU: resident set
+high-water mark, reset before each call; cuda: the allocator's peak), beside the layer's nnz
+storage (float32 values + int32 indices, CSR and its transposed view: 16 B per connection).
+
+The 10⁶² acceptance run of issue 13 (ε = 20: density 4e-5, 40 M connections, n = 12 M):
+
+    python benchmarks/bench_sampled_grow.py --sizes 1000000 --densities 0.00004 --samplers \
+        --repeats 1 --threads 2 --out benchmarks/results/bench_sampled_grow.md
 
 --device cuda: the signal (Z, X), the active set and the layer step's tensors live on the GPU
 (random numbers still come from the CPU generator, as in the library); one warm-up pass of
@@ -36,7 +48,7 @@ import torch
 
 from sparsegrow.layers.kernels import sddmm, spmm
 from sparsegrow.search import exact_top_pairs, top_pairs
-from sparsegrow.search_grow import pair_scores
+from sparsegrow.search_grow import measure_grow, pair_scores
 from sparsegrow.topology import isin_sorted, sample_inactive
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -94,8 +106,13 @@ def main():
     ap.add_argument("--signal", default="benchmarks/signals/fmnist_mlp4096.pt")
     ap.add_argument("--sizes", nargs="+", type=int, default=[16384, 65536])
     ap.add_argument("--densities", nargs="+", type=float, default=[0.01, 0.001])
-    ap.add_argument("--samplers", nargs="+", default=["norm", "wedge", "diamond"])
+    ap.add_argument("--samplers", nargs="*", default=["norm", "wedge", "diamond"])
     ap.add_argument("--candidates", nargs="+", type=float, default=[4, 8, 16, 32])
+    ap.add_argument("--ranks", nargs="*", type=int, default=[4, 8], help="lowrank ranks")
+    ap.add_argument("--lowrank-candidates", type=float, default=1.2)
+    ap.add_argument("--exact-max-width", type=int, default=65536,
+                    help="above this width exact search is not run: quality on a row subset")
+    ap.add_argument("--quality-rows", type=int, default=1024)
     ap.add_argument("--max-draws", type=float, default=6e7, help="skip settings drawing more")
     ap.add_argument("--fraction", type=float, default=0.3)
     ap.add_argument("--repeats", type=int, default=3)
@@ -114,8 +131,8 @@ def main():
         print(f"# bench_sampled_grow: {_device.describe(dev)}; times synchronized, after one "
               "warm-up pass of every method", flush=True)
     header = ("| size | density | method | time s | × exact | layer steps | recall | quality | "
-              "scored | note |")
-    rows = [header, "|" + "---|" * 10]
+              "scored | extra MiB | note |")
+    rows = [header, "|" + "---|" * 11]
     print("\n".join(rows), flush=True)
     for W in args.sizes:
         Z, X = (t.to(dev) for t in real_profile(sig, W))
@@ -123,15 +140,18 @@ def main():
             active = sample_inactive(W * W, torch.empty(0, dtype=torch.long), int(d * W * W),
                                      torch.Generator().manual_seed(1), dev)
             n = int(round(args.fraction * active.numel()))
-            methods = ["exact", "random", "auto"] + [
+            with_exact = W <= args.exact_max_width
+            methods = ["exact"] * with_exact + ["random", "auto"] + [
+                f"lowrank:{k}" for k in args.ranks] + [
                 f"sample-{s}:{c:g}" for s in args.samplers for c in args.candidates
                 if c * n <= args.max_draws]
             times = {m: [] for m in methods}
-            out, info = {}, {}
+            out, info, extra = {}, {}, {m: [] for m in methods}
             for r in range(args.repeats + (1 if cuda else 0)):  # on cuda: a warm-up pass first
                 for m in methods:
                     gen = torch.Generator().manual_seed(2)
                     _device.sync(dev)
+                    peak = _device.MemPeak(dev).__enter__()
                     t0 = time.perf_counter()
                     if m == "exact":
                         idx, _, inf = exact_top_pairs(Z, X, n, active, gen)
@@ -139,33 +159,55 @@ def main():
                         idx, inf = sample_inactive(W * W, active, n, gen), {}
                     elif m == "auto":
                         idx, _, inf = top_pairs(Z, X, n, active, gen, "auto")
+                    elif m.startswith("lowrank:"):  # rank k, --lowrank-candidates per grown
+                        idx, _, inf = top_pairs(Z, X, n, active, gen, "lowrank", backend_options={
+                            "rank": int(m.split(":")[1]), "candidates": args.lowrank_candidates})
                     else:
                         b, c = m.split(":")
                         idx, _, inf = top_pairs(Z, X, n, active, gen, b,
                                                 backend_options={"candidates": float(c)})
                     _device.sync(dev)
+                    dt = time.perf_counter() - t0
+                    peak.__exit__(None, None, None)
                     if not cuda or r > 0:
-                        times[m].append(time.perf_counter() - t0)
+                        times[m].append(dt)
+                        extra[m].append(peak.bytes / 2**20)
                     out[m], info[m] = idx, inf
+                    del idx, inf
             step = layer_step_s(W, W, Z.shape[0], active)
-            best = float(pair_scores(Z, X, out["exact"]).sum())
-            t_ex = statistics.median(times["exact"])
+            if with_exact:
+                best = float(pair_scores(Z, X, out["exact"]).sum())
+                t_ex = statistics.median(times["exact"])
             for m in methods:
                 t = statistics.median(times[m])
-                rec = float(isin_sorted(out[m], out["exact"]).float().mean())
-                q = float(pair_scores(Z, X, out[m]).sum()) / best
+                if with_exact:
+                    rec = float(isin_sorted(out[m], out["exact"]).float().mean())
+                    q = float(pair_scores(Z, X, out[m]).sum()) / best
+                else:  # the row-subset estimate against exact search on those rows
+                    est = measure_grow(Z, X, out[m], n, active, args.quality_rows)
+                    rec, q = est["recall"], est["quality"]
                 inf = info[m]
                 note = inf.get("auto_choice", "")
                 if inf.get("random_filled"):
                     note += f" random_filled={inf['random_filled']}"
                 if m == "exact":
                     note = f"pairs_computed={inf['pairs_computed']:.3f}"
-                row = (f"| {W}² | {d} | {m} | {t:.3f} | {t_ex / t:.1f}× faster | {t / step:.0f} | "
-                       f"{rec:.3f} | {q:.3f} | {inf.get('scored', '')} | {note} |")
+                if "energy" in inf:  # lowrank, also when auto chose it
+                    note += f" energy={inf['energy']:.3f} pairs_computed={inf['pairs_computed']:.4f}"
+                vs = f"{t_ex / t:.1f}× faster" if with_exact else ""
+                row = (f"| {W}² | {d} | {m} | {t:.3f} | {vs} | {t / step:.1f} | {rec:.3f} | "
+                       f"{q:.3f} | {inf.get('scored', '')} | {statistics.median(extra[m]):.0f} | "
+                       f"{note} |")
                 print(row, flush=True)
                 rows.append(row)
+            storage = active.numel() * 2 * (4 + 4) / 2**20
             print(f"(layer step {step:.4f} s; n = {n})", flush=True)
-            rows.append(f"| {W}² | {d} | (one sparse training step of the layer) | {step:.4f} | | 1 | | | | n = {n} |")
+            rows.append(f"| {W}² | {d} | (one sparse training step of the layer) | {step:.4f} | | 1 "
+                        f"| | | | {storage:.0f} | n = {n}; extra MiB here: the layer's nnz storage "
+                        "(float32 values + int32 indices, CSR and its transposed view) |")
+            if not with_exact:
+                rows.append(f"| | | (recall and quality: row-subset estimate, {args.quality_rows} "
+                            "random rows against exact search on them) | | | | | | | | |")
     if args.out:
         with open(args.out, "a") as f:
             f.write(f"\n`python benchmarks/bench_sampled_grow.py {' '.join(sys.argv[1:])}`  \n"

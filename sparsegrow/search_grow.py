@@ -196,47 +196,65 @@ class SearchGrow(GrowCriterion):
                                "method='search')")
 
     def _measure(self, Z, X, idx, n, excluded) -> dict:
-        """Recall of the chosen set against the exact top-n of |G| on the same signal, and quality
-        Σ|G| chosen / Σ|G| exact top-n; on `_MEASURE_ROWS` random rows of G where exact is dear."""
+        """Recall and quality of the chosen set (see `measure_grow`); on `_MEASURE_ROWS` random
+        rows of G where exact search over all of G is dear."""
         if self.measure == "off":
             return {}
         N, M = Z.shape[1], X.shape[1]
         sampled = N > _MEASURE_ROWS and (self.measure == "sampled" or (
             self.measure == "auto" and N * M > self.measure_max_numel))
-        g = torch.Generator().manual_seed(self.seed + 12345)  # private: no shift of the caller's draws
-        if sampled:
-            rows = torch.sort(torch.randperm(N, generator=g)[:_MEASURE_ROWS]).values.to(Z.device)
-            where = torch.full((N,), -1, dtype=torch.long, device=Z.device)
-            where[rows] = torch.arange(rows.numel(), device=Z.device)
+        return measure_grow(Z, X, idx, n, excluded, _MEASURE_ROWS if sampled else None,
+                            self.seed + 12345,
+                            self.backend == "exact" and self.metric == "abs_ip")
 
-            def restrict(flat):  # flat indices of G -> flat indices of G[rows], sorted
-                r = where[flat // M]
-                keep = r >= 0
-                return torch.sort(r[keep] * M + flat[keep] % M).values
 
-            Z, excluded, idx = Z[:, rows], restrict(excluded), restrict(idx)
-            n = max(1, round(n * rows.numel() / N))
-            n = min(n, rows.numel() * M - excluded.numel())
-        # Random growth on the same signal and rows, beside it (its quality is the floor).
-        rand = sample_inactive(Z.shape[1] * M, excluded, n, g, Z.device)
-        rand_q = float(pair_scores(Z, X, rand).sum())
-        exact = self.backend == "exact" and self.metric == "abs_ip"  # recall 1 by construction
-        if exact and not sampled:
-            best = float(pair_scores(Z, X, idx).sum())
-            return {"recall": 1.0, "quality": 1.0, "recall_sampled": False,
-                    "quality_random": rand_q / best if best > 0 else 1.0}
-        ref, ref_val, _ = exact_top_pairs(Z, X, n, excluded, g, "abs_ip")
-        if exact:
-            best = float(ref_val.sum())
-            return {"recall": 1.0, "quality": 1.0, "recall_sampled": True,
-                    "quality_random": rand_q / best if best > 0 else 1.0}
-        hit = int(isin_sorted(idx, ref).sum())
-        chosen = float(pair_scores(Z, X, idx).sum())
-        best = float(ref_val.sum())
-        return {"recall": hit / max(ref.numel(), 1),
-                "quality": chosen / best if best > 0 else 1.0,
-                "quality_random": rand_q / best if best > 0 else 1.0,
-                "recall_sampled": bool(sampled)}
+def measure_grow(Z: torch.Tensor, X: torch.Tensor, idx: torch.Tensor, n: int,
+                 excluded: torch.Tensor, rows: int | None = None, seed: int = 12345,
+                 is_exact: bool = False) -> dict:
+    """Recall of the grown set `idx` against the exact top-n of |G| = |Zᵀ X| over the inactive
+    pairs, quality Σ|G| chosen / Σ|G| exact top-n, and random growth's quality on the same signal.
+
+    rows: estimate on that many random rows of G (the row-subset estimate, for layers where exact
+    search over all of G is dear): the k pairs of idx in those rows against the exact top k of
+    those rows' inactive pairs (count-matched, so quality <= 1: measured against the expected
+    round(n · rows / N) instead, a subset holding more or fewer of the heavy rows than average
+    moved the estimate above 1). It judges the choice within rows, not how many pairs each row
+    got beyond the subset. is_exact: idx is exact search's (recall 1 by construction; only
+    random's quality is computed). Uses a private generator seeded `seed`."""
+    N, M = Z.shape[1], X.shape[1]
+    sampled = rows is not None and N > rows
+    g = torch.Generator().manual_seed(seed)  # private: no shift of the caller's draws
+    if sampled:
+        pick = torch.sort(torch.randperm(N, generator=g)[:rows]).values.to(Z.device)
+        where = torch.full((N,), -1, dtype=torch.long, device=Z.device)
+        where[pick] = torch.arange(pick.numel(), device=Z.device)
+
+        def restrict(flat):  # flat indices of G -> flat indices of G[pick], sorted
+            r = where[flat // M]
+            keep = r >= 0
+            return torch.sort(r[keep] * M + flat[keep] % M).values
+
+        Z, excluded, idx = Z[:, pick], restrict(excluded), restrict(idx)
+        n = idx.numel() or max(1, round(n * pick.numel() / N))
+        n = min(n, pick.numel() * M - excluded.numel())
+    # Random growth on the same signal and rows, beside it (its quality is the floor).
+    rand = sample_inactive(Z.shape[1] * M, excluded, n, g, Z.device)
+    rand_q = float(pair_scores(Z, X, rand).sum())
+    if is_exact and not sampled:
+        best = float(pair_scores(Z, X, idx).sum())
+        return {"recall": 1.0, "quality": 1.0, "recall_sampled": False,
+                "quality_random": rand_q / best if best > 0 else 1.0}
+    ref, ref_val, _ = exact_top_pairs(Z, X, n, excluded, g, "abs_ip")
+    best = float(ref_val.sum())
+    if is_exact:
+        return {"recall": 1.0, "quality": 1.0, "recall_sampled": True,
+                "quality_random": rand_q / best if best > 0 else 1.0}
+    hit = int(isin_sorted(idx, ref).sum())
+    chosen = float(pair_scores(Z, X, idx).sum())
+    return {"recall": hit / max(ref.numel(), 1),
+            "quality": chosen / best if best > 0 else 1.0,
+            "quality_random": rand_q / best if best > 0 else 1.0,
+            "recall_sampled": bool(sampled)}
 
 
 GROW.add("search", SearchGrow,

@@ -214,3 +214,21 @@ def test_require_finite_fast_path_keeps_its_verdicts():
         t[1, 2] = bad
         with pytest.raises(NonFiniteScores, match="t: "):
             require_finite(t, "t")
+
+
+def test_row_subset_estimate_gives_exact_search_quality_one():
+    # exact search's pairs within any rows are those rows' exact top-k: the count-matched
+    # estimate must say 1 (measured against round(n · rows / N) it said 0.9 or 1.2 by subset)
+    from sparsegrow.search_grow import measure_grow
+    Z, X = signal("skewed", N=2000, M=300)
+    ex = active(2000, 300, 0.02)
+    idx, _, _ = exact_top_pairs(Z, X, 3000, ex, torch.Generator().manual_seed(0))
+    for seed in range(4):
+        est = measure_grow(Z, X, idx, 3000, ex, rows=100, seed=seed)
+        assert est["recall_sampled"] and est["quality"] == pytest.approx(1.0, abs=1e-6)
+        assert est["recall"] == pytest.approx(1.0) and est["quality_random"] < 0.5
+    low, _, _ = lowrank(Z, X, 3000, ex, rank=2, candidates=1.0)
+    full = measure_grow(Z, X, low, 3000, ex)
+    part = measure_grow(Z, X, low, 3000, ex, rows=500, seed=1)
+    assert not full["recall_sampled"] and part["quality"] <= 1.0
+    assert part["quality"] == pytest.approx(full["quality"], abs=0.05)
