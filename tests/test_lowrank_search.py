@@ -232,3 +232,38 @@ def test_row_subset_estimate_gives_exact_search_quality_one():
     part = measure_grow(Z, X, low, 3000, ex, rows=500, seed=1)
     assert not full["recall_sampled"] and part["quality"] <= 1.0
     assert part["quality"] == pytest.approx(full["quality"], abs=0.05)
+
+
+@pytest.mark.parametrize("overrides, backend", [
+    ([], "exact"),
+    (["sparsity.method=search"], "exact"),  # masked storage: exact stays the default
+    (["sparsity.storage=sparse"], "exact"),  # not grown by search
+    (["sparsity.storage=sparse", "sparsity.method=search"], "auto"),
+    (["sparsity.storage=sparse", "sparsity.method=set", "sparsity.grow=search"], "auto"),
+    (["sparsity.storage=sparse", "sparsity.method=search", "search.backend=lowrank"], "lowrank"),
+])
+def test_auto_is_the_config_default_for_truly_sparse_search(overrides, backend):
+    from sparsegrow.experiments.config import load_config
+    assert load_config(None, overrides).search.backend == backend
+
+
+def test_blocked_scoring_equals_whole_transposes():
+    # score_at_rows transposes tiles of a large signal (memory at 10⁶²): same scores as the
+    # whole transposes, for every tile shape (blocks of 2..50 rows of Zᵀ / Xᵀ)
+    from sparsegrow.search.sampled import score_at, score_at_rows
+    Z, X = signal("skewed", N=70, M=90, R=8)
+    keys = torch.sort(torch.randperm(70 * 90, generator=torch.Generator().manual_seed(0))[:900]).values
+    ref = score_at(Z.t().contiguous(), X.t().contiguous(), keys)
+    for width in (2, 7, 50):
+        got = score_at_rows(Z, X, keys, block_bytes=4 * 8 * width, whole_bytes=0)
+        assert torch.allclose(got, ref, atol=1e-6)
+
+
+def test_pool_top_cuts_before_sorting_and_keeps_ties():
+    from sparsegrow.search.base import TopPool
+    pool = TopPool(3, torch.empty(0, dtype=torch.long), 100)
+    pool.add(torch.tensor([50, 7, 9, 3, 80]), torch.tensor([1.0, 5.0, 2.0, 2.0, 0.5]))
+    idx, val = pool.top(3)
+    assert idx.tolist() == [3, 7, 9] and val.tolist() == [2.0, 5.0, 2.0]
+    idx, val = pool.top(1)  # emptied by the first call
+    assert idx.numel() == 0 and pool.size == 0

@@ -75,7 +75,7 @@ class SparsityConfig:
 
 @dataclass
 class SearchConfig:
-    backend: str = "exact"
+    backend: Optional[str] = None  # None: auto for storage sparse with search growth, else exact
     metric: str = "abs_ip"
     k_similar: float = 0.15
     bits: float = 1.0
@@ -268,7 +268,20 @@ def from_dict(data: dict) -> Config:
     merged = _merge(Config().to_dict(), data)
     cfg = _build(Config, merged)
     validate(cfg)
+    _resolve_defaults(cfg)
     return cfg
+
+
+def _resolve_defaults(cfg: Config) -> None:
+    """Defaults that depend on other keys. search.backend: `auto` (the cheapest backend expected
+    to reach search.quality_target, per layer and update) where a truly sparse layer is grown by
+    search, since exact search's N·M·R product is what such widths cannot afford; else exact."""
+    if cfg.search.backend is None:
+        import sparsegrow
+
+        s = cfg.sparsity
+        grow = s.grow or sparsegrow.METHODS.get(s.method).grow
+        cfg.search.backend = "auto" if s.storage == "sparse" and grow == "search" else "exact"
 
 
 def validate(cfg: Config) -> None:

@@ -134,6 +134,19 @@ class TopPool:
         idx, order = torch.sort(idx.long())
         return idx, val[order]
 
+    def top(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sorted int64 flat indices, scores) of the pool's pairs >= its k-th best score (ties
+        kept: k or more), emptying the pool: the cut comes before the sort, so only those are
+        sorted and the pool's own buffers are freed first."""
+        idx, val = self._cat()
+        self._idx, self._val, self.size = [], [], 0
+        if val.numel() > k:
+            keep = val >= torch.topk(val, k, sorted=False).values.min()
+            idx, val = idx[keep], val[keep]
+            del keep
+        idx, order = torch.sort(idx.long())
+        return idx, val[order]
+
     def result(self, generator: torch.Generator, fill: float = 0.0):
         """The n best pairs: (sorted flat indices, scores, how many were filled at random).
 

@@ -150,7 +150,10 @@ def search_pool(Z: torch.Tensor, X: torch.Tensor, n: int, excluded: torch.Tensor
         # Survivors of the threshold collect in one preallocated buffer, as flat indices (in the
         # permuted order under bound pruning) and scores, and go to the pool in batches: few ops
         # per block (on a shared machine each op waits for a time slice) and no fresh memory.
-        flush_at = 2 * n + 256  # the threshold rises at each flush (bound pruning needs it)
+        # The threshold rises at each flush (bound pruning needs it). Past a million pairs the
+        # buffer holds n / 2: 12 B per slot, 2 · flush_at slots (at 10⁶², n = 14 M: 170 MB, not
+        # the 690 MB of 2n + 256).
+        flush_at = min(2 * n + 256, max(n // 2, 1 << 20))
         if pend_i.numel() < 2 * flush_at:
             pend_i = torch.empty(2 * flush_at, dtype=torch.long, device=Z.device)
             pend_v = torch.empty(2 * flush_at, device=Z.device)

@@ -14,7 +14,7 @@ skips far more pairs: the norm bound |⟨a_j, b_i⟩| <= ‖a_j‖ ‖b_i‖ is 
        A = Zᵀ (Ez Λz^-½ U_k Σ_k) (N × k) and B = Xᵀ (Ex Λx^-½ V_k) (M × k). O((N + M) R²).
     2. candidates: the ⌈c · n⌉ best inactive pairs of S_k by the metric (`exact.search_pool`:
        blocked GEMM, running threshold, norm-bound pruning, exclusion of active pairs).
-    3. rescoring: S at the candidates by one SDDMM (`sampled.score_at`, the layer's kernel); the
+    3. rescoring: S at the candidates by SDDMM (`sampled.score_at_rows`, the layer's kernel); the
        n best are kept (ties at the n-th value broken with the caller's generator).
 
 Knobs: `rank` k (default 8) and `candidates` c (pairs rescored per grown connection, default 1.5).
@@ -32,7 +32,7 @@ import torch
 
 from .base import BACKENDS, best_scored
 from .exact import search_pool
-from .sampled import check_candidates, free_mask, score_at
+from .sampled import check_candidates, free_mask, score_at_rows
 
 LOWRANK_METRICS = ("ip", "abs_ip")
 
@@ -126,18 +126,22 @@ class LowRankIndex:
         # the pool excluding them.
         extra = math.ceil(m * excluded.numel() / numel) + 64
         pool, sinfo = search_pool(A, B, min(m + extra, numel), excluded[:0], metric)
-        keys, approx = pool.contents()  # sorted flat indices, S_k at them
+        keys, approx = pool.top(m + extra)  # sorted flat indices, S_k at them; pool emptied
         free = free_mask(keys, excluded)
         if int(free.sum()) < n:
+            del keys, approx, free
             pool, sinfo = search_pool(A, B, m, excluded, metric)
-            keys, approx = pool.contents()
+            keys, approx = pool.top(m)
             sinfo["excluded_in_pool"] = True
         else:
             keys, approx = keys[free], approx[free]
+            del free
         if keys.numel() > m:  # the pool may hold more than m: keep the m best of S_k
             top = approx >= torch.topk(approx, m, sorted=False).values.min()
             keys = keys[top]
-        scores = score_at(Z.t().contiguous(), X.t().contiguous(), keys)
+            del top
+        del approx
+        scores = score_at_rows(Z, X, keys)
         if metric == "abs_ip":
             scores = scores.abs_()
         idx, val, filled = best_scored(keys, scores, n, excluded, numel, generator)
