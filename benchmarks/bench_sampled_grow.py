@@ -109,7 +109,7 @@ def main():
     ap.add_argument("--samplers", nargs="*", default=["norm", "wedge", "diamond"])
     ap.add_argument("--candidates", nargs="+", type=float, default=[4, 8, 16, 32])
     ap.add_argument("--ranks", nargs="*", type=int, default=[4, 8], help="lowrank ranks")
-    ap.add_argument("--lowrank-candidates", type=float, default=1.2)
+    ap.add_argument("--lowrank-candidates", type=float, default=1.0, help="as auto uses")
     ap.add_argument("--exact-max-width", type=int, default=65536,
                     help="above this width exact search is not run: quality on a row subset")
     ap.add_argument("--quality-rows", type=int, default=1024)

@@ -29,11 +29,12 @@ from .lowrank import LOWRANK_METRICS, LowRankIndex, spectrum
 # machine with benchmarks/bench_sampled_grow.py):
 EXACT_MACS_PER_S = 3.5e10  # dense score GEMM of the exact search, multiply-adds per second
 SAMPLED_S_PER_DRAW = 6e-8  # draw + sort + merge + SDDMM (R = 128) per drawn candidate
-# lowrank per rescored candidate (sort, exclusion, SDDMM, selection), and its candidates count:
-# 65536², density 0.001, 1.55 M candidates in 0.76 s at one thread, loaded (factors and the
-# rank-k GEMM included).
-LOWRANK_S_PER_CANDIDATE = 5e-7
-LOWRANK_CANDIDATES = 1.2
+# lowrank per candidate (sort, exclusion, SDDMM), and its candidates count: 65536², density
+# 0.001, 1.29 M candidates in 0.52 s at one thread, loaded (factors and the rank-k search
+# included). One candidate per grown connection: the rank-k top n themselves (rescoring more
+# bought 0.976 -> 0.988 quality at rank 4 for 30% more time).
+LOWRANK_S_PER_CANDIDATE = 4e-7
+LOWRANK_CANDIDATES = 1.0
 LOWRANK_RANKS = (4, 8, 16, 32)
 # Expected quality of the wedge sampler per candidates count. 4, 8, 16: measured on the
 # real-profile 65536² signal at density 0.001 (benchmarks/results/bench_sampled_grow.md: 0.33,

@@ -181,10 +181,11 @@ def best_scored(keys: torch.Tensor, scores: torch.Tensor, n: int, excluded: torc
     keys: sorted distinct inactive flat indices, scores: their scores. Ties at the n-th value are
     broken with `generator` (as `select_top`); with fewer than n candidates the rest are drawn
     uniformly among the other inactive pairs (score -inf), so the layer keeps its density."""
-    if keys.numel() >= n:
-        if keys.numel() > n:  # only pairs >= the n-th best can be chosen
-            top = scores >= torch.topk(scores, n, sorted=False).values.min()
-            keys, scores = keys[top], scores[top]
+    if keys.numel() == n:  # nothing to choose (lowrank with one candidate per grown pair)
+        return keys, scores, 0
+    if keys.numel() > n:  # only pairs >= the n-th best can be chosen
+        top = scores >= torch.topk(scores, n, sorted=False).values.min()
+        keys, scores = keys[top], scores[top]
         pos = select_top(scores, n, generator)
         return keys[pos], scores[pos], 0
     missing = n - keys.numel()

@@ -31,7 +31,8 @@ import torch
 from .base import BACKENDS, TopPool, check_metric
 from .compact import compact_into
 
-_SAMPLE = 512  # rows and columns of the sub-matrix that seeds the threshold
+_SAMPLE = 512  # rows and columns of the sub-matrix that seeds the threshold (at least)
+_SAMPLE_MAX = 4096
 _MARGIN = 1.5  # aim the initial threshold at margin * n survivors
 
 
@@ -57,7 +58,11 @@ def _initial_threshold(Z, X, n, excluded, metric, floor) -> float:
     free = N * M - excluded.numel()
     p = _MARGIN * n / max(free, 1)
     g = torch.Generator().manual_seed(N * 1_000_003 + M)  # private: never shifts the caller's draws
-    side = max(1, int(math.sqrt(min(_SAMPLE * _SAMPLE, N * M // 16))))  # <= 1/16 of S
+    # Enough entries that ~200 lie above (at 10⁶², n = 14 M: p = 2e-5, 3000² entries; 512²
+    # held 5, the search started from the floor and pooled every pair until its first flush:
+    # 1 GB more memory), at most 4096² and 1/16 of S.
+    want = _SAMPLE if p <= 0 else min(max(_SAMPLE, math.ceil(math.sqrt(200 / p))), _SAMPLE_MAX)
+    side = max(1, int(math.sqrt(min(want * want, N * M // 16))))
     rows = torch.randperm(N, generator=g)[:side].to(Z.device)
     cols = torch.randperm(M, generator=g)[:side].to(Z.device)
     s = _scores(Z[:, rows].t() @ X[:, cols], metric, Z[:, rows], X[:, cols]).reshape(-1)

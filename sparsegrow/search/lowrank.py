@@ -15,7 +15,9 @@ skips far more pairs: the norm bound |⟨a_j, b_i⟩| <= ‖a_j‖ ‖b_i‖ is 
     2. candidates: the ⌈c · n⌉ best inactive pairs of S_k by the metric (`exact.search_pool`:
        blocked GEMM, running threshold, norm-bound pruning, exclusion of active pairs).
     3. rescoring: S at the candidates by SDDMM (`sampled.score_at_rows`, the layer's kernel); the
-       n best are kept (ties at the n-th value broken with the caller's generator).
+       n best are kept (ties at the n-th value broken with the caller's generator). With one
+       candidate per grown connection (c = 1, `auto`'s choice) there is nothing to choose: the
+       rank-k top n is returned with its S_k scores, unrescored (growth reads only the pairs).
 
 Knobs: `rank` k (default 8) and `candidates` c (pairs rescored per grown connection, default 1.5).
 With k >= rank(S) the candidates are exact search's (up to rounding) and so is the result. Info
@@ -138,16 +140,20 @@ class LowRankIndex:
             del free
         if keys.numel() > m:  # the pool may hold more than m: keep the m best of S_k
             top = approx >= torch.topk(approx, m, sorted=False).values.min()
-            keys = keys[top]
+            keys, approx = keys[top], approx[top]
             del top
-        del approx
-        scores = score_at_rows(Z, X, keys)
-        if metric == "abs_ip":
-            scores = scores.abs_()
-        idx, val, filled = best_scored(keys, scores, n, excluded, numel, generator)
+        rescored = keys.numel() != n
+        if rescored:
+            del approx
+            scores = score_at_rows(Z, X, keys)
+            if metric == "abs_ip":
+                scores = scores.abs_()
+            idx, val, filled = best_scored(keys, scores, n, excluded, numel, generator)
+        else:  # one candidate per grown pair (no ties): the rank-k top n is the answer, and its
+            idx, val, filled = keys, approx, 0  # scores are S_k's (growth reads only idx)
         k = A.shape[0]
         info = {"rank": k, "energy": float(energy[min(k, energy.numel()) - 1]),
-                "candidates": self.candidates, "scored": keys.numel(),
+                "candidates": self.candidates, "scored": keys.numel() if rescored else 0,
                 "pairs_computed": sinfo["pairs_computed"], "random_filled": filled,
                 "excluded_in_pool": sinfo.get("excluded_in_pool", False)}
         return idx, val, info
