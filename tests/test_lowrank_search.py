@@ -204,11 +204,13 @@ def test_auto_runs_lowrank_on_a_large_low_rank_signal_and_says_why():
 
 def test_exact_search_without_exclusions_equals_dense_selection():
     # the pool must own the scores it keeps: exact search reuses its survivor buffers, and with
-    # nothing to exclude the pool once held views of them (wrong scores after the next block)
+    # nothing to exclude the pool once held views of them (overwritten by the next flush)
     Z, X = signal("skewed", N=900, M=1000)
     none = torch.empty(0, dtype=torch.long)
+    # no seeded threshold, no bound, 3-row blocks: every pair survives, 3000 per block, and the
+    # buffer flushes several times between the pool's prunes
     idx, val, _ = exact_top_pairs(Z, X, 5000, none, torch.Generator().manual_seed(0),
-                                  block_bytes=64 * 1000 * 4)
+                                  block_bytes=3 * 1000 * 4, prune=False, seed_threshold=False)
     S = (Z.t() @ X).abs().reshape(-1)
     assert torch.equal(idx, torch.sort(torch.topk(S, 5000).indices).values)
     assert torch.allclose(val, S[idx], atol=1e-5)
@@ -226,7 +228,7 @@ def test_require_finite_fast_path_keeps_its_verdicts():
 
 def test_row_subset_estimate_gives_exact_search_quality_one():
     # exact search's pairs within any rows are those rows' exact top-k: the count-matched
-    # estimate must say 1 (measured against round(n · rows / N) it said 0.9 or 1.2 by subset)
+    # estimate must say 1 (measured against round(n · rows / N) it said 0.80 here)
     from sparsegrow.search_grow import measure_grow
     Z, X = signal("skewed", N=2000, M=300)
     ex = active(2000, 300, 0.02)
@@ -275,3 +277,34 @@ def test_pool_top_cuts_before_sorting_and_keeps_ties():
     assert idx.tolist() == [3, 7, 9] and val.tolist() == [2.0, 5.0, 2.0]
     idx, val = pool.top(1)  # emptied by the first call
     assert idx.numel() == 0 and pool.size == 0
+
+
+@pytest.mark.parametrize("backend", ["lowrank", "auto"])
+def test_no_n_by_m_allocation_at_a_million_squared(backend):
+    # 2^20 x 2^20 (4 TiB as a dense float32 S): every tensor stays O(n + R · width) or the
+    # search's fixed 64 MiB score block, never N × M; the growth is exact in count and inactive
+    from test_sparse_linear import MaxNumel
+    N = M = 1 << 20
+    R, nnz, n = 8, 1 << 18, 1 << 16
+    g = torch.Generator().manual_seed(0)
+    Z = torch.randn(R, 4, generator=g) @ torch.randn(4, N, generator=g)  # rank 4: auto -> lowrank
+    X = torch.relu(torch.randn(R, 4, generator=g) @ torch.randn(4, M, generator=g))
+    ex = sample_inactive(N * M, torch.empty(0, dtype=torch.long), nnz, g)
+    bound = max(64 << 20, 8 * 4 * R * max(N, M))
+    with MaxNumel() as mode:
+        idx, _, info = top_pairs(Z, X, n, ex, torch.Generator().manual_seed(1), backend)
+    assert mode.max_bytes <= bound, f"{mode.max_op} made a tensor of {mode.max_bytes} bytes"
+    assert idx.numel() == n and idx.unique().numel() == n and not isin_sorted(idx, ex).any()
+    if backend == "auto":
+        assert info["auto_choice"].startswith("lowrank")
+
+
+def test_seeded_threshold_holds_when_few_pairs_are_grown():
+    # p = 1.5 n / N·M = 2e-5: a 512² sample held ~5 pairs above, the search started from the
+    # floor and pooled everything until its first flush (1 GB more at 10⁶²); the sample now
+    # grows until ~200 lie above, and about 1.5 n pairs are ever offered to the pool
+    from sparsegrow.search.exact import search_pool
+    Z, X = signal("gaussian", N=1 << 14, M=1 << 14, R=8)
+    n = 3500
+    pool, info = search_pool(Z, X, n, torch.empty(0, dtype=torch.long), prune=False)
+    assert n <= pool.offered < 2 * n, pool.offered
