@@ -11,7 +11,8 @@ tensor that lives as long as the layer is counted, divided by nnz:
     grad                values.grad
     Adam                exp_avg + exp_avg_sq (the scalar `step` is not per connection)
     ITOP record         the Sparsifier's `ever_active`: one int64 flat index per connection ever
-                        active (= nnz right after construction; it grows with every update)
+                        active (= nnz right after construction), growing with every update up to
+                        max(nnz, 2^20) indices, then a 16 KiB sketch (metrics.EverActive)
 The bias (per output unit) is left out. "int64" forces every index buffer to int64 (what every
 layer stored before int32 indices; sparse_linear._FORCE_INDEX_DTYPE), "int32" is the default
 choice (`sparse_linear.index_dtype`). The row/column pointers cost (N + 1) / nnz and
@@ -63,7 +64,7 @@ def measure(m: int, n: int, density: float, index_dtype, batch: int) -> dict:
     state = opt.state[layer.values]
     row["adam"] = sum(nbytes(v) for v in state.values()
                       if isinstance(v, torch.Tensor) and v.numel() == nnz)
-    row["itop"] = sum(nbytes(v) for v in sp.ever_active.values())
+    row["itop"] = sum(v.nbytes() for v in sp.ever_active.values())
     return row
 
 

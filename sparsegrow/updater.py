@@ -40,7 +40,7 @@ from . import coverage, distributions, optim_state
 from .distributed import Collective
 from .drop import DROP
 from .grow import GROW, GrowContext, GrowCriterion
-from .metrics import density_report, itop_rate, union_sorted
+from .metrics import EverActive, density_report, itop_rate
 from .registry import Registry
 from .schedules import UpdateSchedule
 from .selection import NonFiniteScores
@@ -144,6 +144,10 @@ def select_params(model: nn.Module, include=None) -> list[tuple[str, nn.Module, 
         raise ValueError("no parameter was chosen to be sparse (include matched nothing)")
     return chosen
 
+
+# ITOP record per layer: exact (8 B per connection ever active) up to max(its active count, this
+# many), then a 16 KiB HyperLogLog sketch (metrics.EverActive).
+ITOP_EXACT_MIN = 1 << 20
 
 class Sparsifier:
     def __init__(
@@ -266,7 +270,10 @@ class Sparsifier:
             self._scale_init_to_active_fan_in()
         # the weights whose topology updates change; fixed ones stay sparse with their first mask
         self.updated = [p for p in self.params if p.fqn not in self.fixed]
-        self.ever_active = {p.fqn: p.active() for p in self.params}
+        # ITOP: exact up to max(active count, 2^20) indices per layer, then a 16 KiB sketch
+        self._itop_cap = {p.fqn: max(p.nnz(), ITOP_EXACT_MIN) for p in self.params}
+        self.ever_active = {p.fqn: EverActive(p.active(), self._itop_cap[p.fqn])
+                            for p in self.params}
         self.step_count = 0
         self.update_time_s = 0.0
         self.n_updates = 0
@@ -461,7 +468,7 @@ class Sparsifier:
             p.update(net_drop, net_grow, self._initial_values(p, net_grow), self.optimizer)
             # on the layer's device: a Sparsifier built before model.to(device) (the CLI's
             # meta-built truly sparse models) recorded its first active sets elsewhere
-            self.ever_active[p.fqn] = union_sorted(self.ever_active[p.fqn].to(net_grow.device), net_grow)
+            self.ever_active[p.fqn].add(net_grow)
             layers[p.fqn] = {"dropped": n, "grown": n_grow, "regrown": int(regrown.sum()),
                              "nnz": p.nnz(), "skipped_nonfinite": False}
             if sig is not None:  # steps summed; time in this rank's capture hooks
@@ -518,7 +525,7 @@ class Sparsifier:
             "step": self.step_count,
             "generator": self.generator.get_state(),
             "params": {p.fqn: p.state_dict() for p in self.params},
-            "ever_active": {k: v.clone() for k, v in self.ever_active.items()},
+            "ever_active": {k: v.state_dict() for k, v in self.ever_active.items()},
             "update_time_s": self.update_time_s,
             "n_updates": self.n_updates,
         }
@@ -538,7 +545,8 @@ class Sparsifier:
         # .cpu(): a generator state is a CPU ByteTensor, but a checkpoint loaded with
         # map_location="cuda" moves it with everything else
         self.generator.set_state(state["generator"].cpu())
-        self.ever_active = {k: v.clone() for k, v in state["ever_active"].items()}
+        self.ever_active = {k: EverActive.from_state(v, self._itop_cap[k])
+                            for k, v in state["ever_active"].items()}
         self.update_time_s = float(state["update_time_s"])
         self.n_updates = int(state["n_updates"])
         if self.signals is not None:
