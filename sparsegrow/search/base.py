@@ -193,3 +193,16 @@ def best_scored(keys: torch.Tensor, scores: torch.Tensor, n: int, excluded: torc
     idx, order = torch.sort(torch.cat([keys, extra]))
     val = torch.cat([scores, scores.new_full((missing,), -math.inf)])[order]
     return idx, val, missing
+
+
+def check_pairs_call(Z: torch.Tensor, X: torch.Tensor, n: int, excluded: torch.Tensor,
+                     metric: str, metrics: tuple[str, ...], who: str) -> tuple[int, int]:
+    """The checks every `pairs` backend makes first: (N, M). who: e.g. "backend 'lowrank'
+    supports", the start of the metric error."""
+    if metric not in metrics:
+        raise ValueError(f"{who} metrics {', '.join(metrics)}, not {metric!r}")
+    N, M = Z.shape[1], X.shape[1]
+    if n > N * M - excluded.numel():
+        raise ValueError(f"cannot grow {n} connections: only {N * M - excluded.numel()} "
+                         "are inactive")
+    return N, M

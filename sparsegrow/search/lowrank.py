@@ -32,7 +32,7 @@ from typing import NamedTuple
 
 import torch
 
-from .base import BACKENDS, best_scored
+from .base import BACKENDS, best_scored, check_pairs_call
 from .exact import search_pool
 from .sampled import check_candidates, free_mask, score_at_rows
 
@@ -110,14 +110,8 @@ class LowRankIndex:
         """Z: (R, N), X: (R, M), excluded: sorted int64 flat indices -> (sorted idx (n,),
         scores (n,), info) as `exact_top_pairs`, info reporting the work done. spec: S's
         `spectrum` if the caller has it (`auto` computes it to choose the rank)."""
-        if metric not in LOWRANK_METRICS:
-            raise ValueError(f"backend 'lowrank' supports metrics {', '.join(LOWRANK_METRICS)}, "
-                             f"not {metric!r}")
-        N, M = Z.shape[1], X.shape[1]
+        N, M = check_pairs_call(Z, X, n, excluded, metric, LOWRANK_METRICS, "backend 'lowrank' supports")
         numel = N * M
-        if n > numel - excluded.numel():
-            raise ValueError(f"cannot grow {n} connections: only {numel - excluded.numel()} "
-                             "are inactive")
         Z, X = Z.float().contiguous(), X.float().contiguous()
         A, B, energy = rank_k_factors(Z, X, self.rank, spec)
         m = min(max(n, math.ceil(self.candidates * n)), numel - excluded.numel())

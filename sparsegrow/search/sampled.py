@@ -37,7 +37,7 @@ import math
 import torch
 
 from ..layers.kernels import get_backend, searchsorted_sorted, sddmm
-from .base import BACKENDS, best_scored
+from .base import BACKENDS, best_scored, check_pairs_call
 from .sample_kernel import row_candidates
 
 SAMPLED_METRICS = ("ip", "abs_ip")
@@ -240,14 +240,8 @@ class SampledIndex:
               generator: torch.Generator, metric: str = "abs_ip"):
         """Z: (R, N), X: (R, M), excluded: sorted int64 flat indices -> (sorted idx (n,),
         scores (n,), info) as `exact_top_pairs`, info reporting the work done."""
-        if metric not in SAMPLED_METRICS:
-            raise ValueError(f"sampled backends support metrics {', '.join(SAMPLED_METRICS)}, "
-                             f"not {metric!r}")
-        N, M = Z.shape[1], X.shape[1]
+        N, M = check_pairs_call(Z, X, n, excluded, metric, SAMPLED_METRICS, "sampled backends support")
         numel = N * M
-        if n > numel - excluded.numel():
-            raise ValueError(f"cannot grow {n} connections: only {numel - excluded.numel()} "
-                             "are inactive")
         Z, X = Z.float().contiguous(), X.float().contiguous()
         draws = self.candidates * n
         plan = Plan(Z, X, draws, self.sampler, generator, self.power)
