@@ -603,3 +603,13 @@ def test_autocast_matches_float32_masked_reference(dtype):
         assert layer.values.grad.dtype == torch.float32
         assert rel_err(layer.values.grad, dense.weight.grad.view(-1)[layer.active()]) <= tol, name
         assert rel_err(layer.bias.grad, dense.bias.grad) <= tol, name
+
+
+def test_evaluation_batch_keeps_wide_activations_bounded():
+    # 1000 examples through a 2^20-wide layer are a 4 GiB activation (the 10⁶ config's evaluation
+    # peaked at 21 GB): the batch shrinks to fit 512 MiB, never below the training batch
+    from sparsegrow.experiments.loop import eval_batch_size
+    wide = sl.SparseLinear(30, 1 << 20, torch.tensor([0, 5, 99]))
+    assert eval_batch_size(nn.Sequential(wide), 64) == 128
+    assert eval_batch_size(nn.Sequential(wide), 256) == 256
+    assert eval_batch_size(nn.Sequential(nn.Linear(784, 300), nn.Linear(300, 10)), 128) == 1000

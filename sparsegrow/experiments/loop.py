@@ -42,6 +42,7 @@ from .build import build_optimizer, build_sparsifier, lr_at, resolve_device
 from .config import Config, ConfigError, check_resumable, dump_config, from_dict, read_yaml
 from .data import load_dataset, steps_per_epoch
 from .launch import World, all_sum, init_from_env, local_share, shutdown
+from ..layers.sparse_linear import SparseLinear
 from .models import _init_conv_bn, build_model
 from .results import (CorruptFileError, MetricsLog, atomic_torch_save, atomic_write_json,
                       atomic_write_text, load_checkpoint, read_json)
@@ -88,10 +89,23 @@ def memory_now(device: torch.device) -> dict[str, str]:
     return out
 
 
+EVAL_ACTIVATION_BYTES = 512 << 20  # per Linear output tensor during evaluation
+
+
+def eval_batch_size(model: torch.nn.Module, batch_size: int) -> int:
+    """max(batch_size, 1000) examples per evaluation batch, fewer where the widest Linear output
+    would exceed EVAL_ACTIVATION_BYTES (at 10⁶ units, 1000 examples are 4 GB per activation and the
+    evaluation of configs/scale_1m.yaml peaked at 21 GB), never fewer than batch_size."""
+    widest = max((m.out_features for m in model.modules()
+                  if isinstance(m, (torch.nn.Linear, SparseLinear))), default=0)
+    fit = EVAL_ACTIVATION_BYTES // (4 * widest) if widest else 1000
+    return max(batch_size, min(1000, fit))
+
+
 def evaluate(model, data, batch_size: int, device, dtype=torch.float32) -> tuple[float, float]:
     model.eval()
     loss_sum, correct, n = 0.0, 0, 0
-    for xb, yb in data.test_batches(max(batch_size, 1000)):
+    for xb, yb in data.test_batches(eval_batch_size(model, batch_size)):
         xb, yb = xb.to(device, dtype), yb.to(device)
         out = model(xb)
         loss_sum += F.cross_entropy(out, yb, reduction="sum").item()
