@@ -110,7 +110,8 @@ class LowRankIndex:
         """Z: (R, N), X: (R, M), excluded: sorted int64 flat indices -> (sorted idx (n,),
         scores (n,), info) as `exact_top_pairs`, info reporting the work done. spec: S's
         `spectrum` if the caller has it (`auto` computes it to choose the rank)."""
-        N, M = check_pairs_call(Z, X, n, excluded, metric, LOWRANK_METRICS, "backend 'lowrank' supports")
+        N, M = check_pairs_call(Z, X, n, excluded, metric, LOWRANK_METRICS,
+                                "backend 'lowrank' supports")
         numel = N * M
         Z, X = Z.float().contiguous(), X.float().contiguous()
         A, B, energy = rank_k_factors(Z, X, self.rank, spec)

@@ -240,7 +240,8 @@ class SampledIndex:
               generator: torch.Generator, metric: str = "abs_ip"):
         """Z: (R, N), X: (R, M), excluded: sorted int64 flat indices -> (sorted idx (n,),
         scores (n,), info) as `exact_top_pairs`, info reporting the work done."""
-        N, M = check_pairs_call(Z, X, n, excluded, metric, SAMPLED_METRICS, "sampled backends support")
+        N, M = check_pairs_call(Z, X, n, excluded, metric, SAMPLED_METRICS,
+                                "sampled backends support")
         numel = N * M
         Z, X = Z.float().contiguous(), X.float().contiguous()
         draws = self.candidates * n
