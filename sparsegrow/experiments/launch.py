@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from dataclasses import dataclass
 
 import torch
@@ -51,10 +52,25 @@ def init_from_env(device: str) -> World:
 
 def shutdown(world: World) -> None:
     """Leave the process group together: a rank that tears gloo down while another is still
-    evaluating or writing aborts ("terminate called without an active exception")."""
+    evaluating or writing aborts ("terminate called without an active exception"). The gloo
+    barrier alone still raced under load (a rank that returned from it destroyed the group while
+    its peer was still receiving the barrier's last message): a barrier on the rendezvous store,
+    which gloo does not carry, follows it, so no rank leaves before every rank is done with gloo."""
     if world.distributed and dist.is_initialized():
         dist.barrier()
+        _store_barrier(world, "sparsegrow/shutdown")
         dist.destroy_process_group()
+
+
+def _store_barrier(world: World, key: str, timeout_s: float = 300.0) -> None:
+    store = dist.distributed_c10d._get_default_store()
+    store.add(key, 1)
+    t0 = time.monotonic()
+    while store.add(key, 0) < world.size:
+        if time.monotonic() - t0 > timeout_s:
+            raise RuntimeError(f"rank {world.rank}: the other ranks did not reach the shutdown "
+                               f"barrier within {timeout_s:.0f} s")
+        time.sleep(0.01)
 
 
 def local_share(x: torch.Tensor, world: World) -> torch.Tensor:
