@@ -26,19 +26,15 @@ def density_report(nnz: dict[str, int], numel: dict[str, int]) -> dict:
     }
 
 
-def itop_rate(ever_active: dict, numel: dict[str, int]) -> float:
-    """Σ connections ever active / Σ numel; ever_active values: `EverActive` records (or sorted
-    index tensors, counted exactly)."""
+def itop_rate(ever_active: dict[str, "EverActive"], numel: dict[str, int]) -> float:
+    """Σ connections ever active / Σ numel."""
     total = sum(numel.values())
-    count = sum(v.count() if isinstance(v, EverActive) else int(v.numel())
-                for v in ever_active.values())
-    return count / total if total else 1.0
+    return sum(v.count() for v in ever_active.values()) / total if total else 1.0
 
 
 # -- a bounded record of the connections ever active ----------------------------------------------
 
 _HLL_BITS = 14  # 2^14 registers: 16 KiB per layer, relative standard error 1.04 / 128 = 0.8%
-_MASK64 = (1 << 64) - 1
 
 
 def _signed(c: int) -> int:

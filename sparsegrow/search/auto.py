@@ -58,10 +58,10 @@ def choose(N: int, M: int, R: int, n: int, quality_target: float, sampler: str,
     exact_s = N * M * R / EXACT_MACS_PER_S
     if energy is not None:
         for k in LOWRANK_RANKS:
-            if k >= R or float(energy[min(k, energy.numel()) - 1]) < quality_target:
+            e = float(energy[min(k, energy.numel()) - 1])
+            if k >= R or e < quality_target:
                 continue
             s = N * M * k / EXACT_MACS_PER_S + LOWRANK_CANDIDATES * n * LOWRANK_S_PER_CANDIDATE
-            e = float(energy[min(k, energy.numel()) - 1])
             if s < exact_s:
                 return ("lowrank", k, f"rank {k} holds {e:.3f} >= {quality_target} of ‖S‖², "
                                       f"est. {s:.3g} s < exact {exact_s:.3g} s")

@@ -104,7 +104,7 @@ class TopPool:
             free = ~isin_sorted(idx, self.excluded)
             idx, val = idx[free], val[free]
         elif filtered:  # nothing copied them yet, and the caller may reuse its buffers (exact does)
-            idx, val = idx.clone(), val.clone()
+            idx, val = idx.to(self.dtype, copy=True), val.clone()
         self._idx.append(idx.to(self.dtype))
         self._val.append(val)
         self.size += idx.numel()

@@ -141,7 +141,7 @@ def _candidates_torch(plan, Z, X, excluded):
     if acc is not None:
         keep &= acc > 0  # diamond: score only pairs whose S² estimate is positive
     keys = keys[keep]
-    return keys, score_at(Z.t().contiguous(), X.t().contiguous(), keys), distinct
+    return keys, score_at_rows(Z, X, keys), distinct
 
 
 def _candidates_c(plan, Z, X, excluded):
