@@ -511,3 +511,30 @@ def test_fixed_weights_keep_their_first_pattern(method):
     assert torch.equal(sp.params[2].active(), first["fc.weight"])
     assert not torch.equal(sp.params[0].active(), first["conv1.weight"])  # the others move
     assert total_nnz(sp) == sum(v.numel() for v in first.values())
+
+
+@pytest.mark.parametrize("model, kwargs, density", [("mlp", "{hidden: [1024, 512]}", 0.01),
+                                                    ("cnn", "{}", 0.3)])
+def test_truly_sparse_run_inits_like_masked_with_sparse_init(model, kwargs, density):
+    """The run's build (experiments.loop) gives each sparse layer's active weights the same
+    spread under both storages when sparsity.sparse_init is on: the truly sparse build scales
+    once, after its conv init (it once scaled Linear layers twice: ×sqrt(784 / 8) here)."""
+    from types import SimpleNamespace
+    from sparsegrow.experiments.config import load_config
+    from sparsegrow.experiments.loop import build_model_and_sparsifier
+    data = SimpleNamespace(input_shape=(1, 28, 28), num_classes=10)
+    spread = {}
+    for storage in ("masked", "sparse"):
+        cfg = load_config(None, [f"model.name={model}", f"model.kwargs={kwargs}",
+                                 "sparsity.method=static", f"sparsity.density={density}",
+                                 "sparsity.sparse_init=true", f"sparsity.storage={storage}"])
+        net, sp = build_model_and_sparsifier(cfg, data, 10, torch.device("cpu"))
+        weights = dict(net.named_parameters())
+        spread[storage] = {}
+        for p in sp.params:
+            w = weights[p.fqn] if storage == "masked" else weights[p.fqn.rpartition(".")[0] + ".values"]
+            active = w.detach().reshape(-1)[p.active()] if storage == "masked" else w.detach()
+            spread[storage][p.fqn] = active.pow(2).mean().sqrt().item()
+    assert spread["masked"].keys() == spread["sparse"].keys() and len(spread["masked"]) >= 3
+    for fqn, rms in spread["masked"].items():
+        assert spread["sparse"][fqn] == pytest.approx(rms, rel=0.15), fqn

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from sparsegrow import Sparsifier, UpdateSchedule
+from sparsegrow.fan_in import fan_in_lr_scales, split_param_groups
 from sparsegrow.updater import METHODS
 
 from .config import Config, ConfigError
@@ -42,10 +43,12 @@ def resolve_schedule(cfg: Config, steps_per_epoch: int, total_steps: int) -> Upd
                           f"{s.update_end}, {total_steps} training steps): {e}") from None
 
 
-def build_sparsifier(cfg: Config, model: nn.Module, steps_per_epoch: int):
+def build_sparsifier(cfg: Config, model: nn.Module, steps_per_epoch: int,
+                     sparse_init: bool | None = None):
     """The method's sparsifier, through the METHODS registry alone: a method with its own
     constructor (`Method.make`, e.g. DST) gets its config section (`Method.options`) as keyword
-    arguments; every other method is a `Sparsifier`."""
+    arguments; every other method is a `Sparsifier`. `sparse_init` overrides
+    `sparsity.sparse_init` (the truly sparse build scales the init itself, after the conv init)."""
     s = cfg.sparsity
     total_steps = steps_per_epoch * cfg.train.epochs
     try:
@@ -68,7 +71,8 @@ def build_sparsifier(cfg: Config, model: nn.Module, steps_per_epoch: int):
         schedule=resolve_schedule(cfg, steps_per_epoch, total_steps) if dynamic else None,
         distribution=s.distribution, drop=s.drop, grow=s.grow, grow_kwargs=grow_kwargs,
         include=s.include, dense_layers=s.dense_layers, fixed=s.fixed, allow_regrow=s.allow_regrow,
-        grow_init=s.grow_init, sparse_init=s.sparse_init, storage=s.storage, fan_in=s.fan_in,
+        grow_init=s.grow_init,
+        sparse_init=s.sparse_init if sparse_init is None else sparse_init, storage=s.storage, fan_in=s.fan_in,
         seed=cfg.seed,
     )
 
@@ -80,6 +84,11 @@ def build_optimizer(cfg: Config, model: nn.Module, sparsifier) -> torch.optim.Op
     else:
         params = [{"params": [p for p in model.parameters() if p.requires_grad],
                    "weight_decay": t.weight_decay}]
+    # every group carries "lr_scale": the loop sets its lr to the schedule's lr times it
+    scales = fan_in_lr_scales(model, t.lr_fan_in_base) if t.lr_fan_in_base else {}
+    params = split_param_groups(params, model, scales)
+    for group in params:
+        group["lr"] = t.lr * group["lr_scale"]
     if t.optimizer == "sgd":
         return torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, nesterov=t.nesterov)
     if t.optimizer == "adam":

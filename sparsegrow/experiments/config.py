@@ -43,6 +43,9 @@ class TrainConfig:
     nesterov: bool = False
     weight_decay: float = 5e-4
     lr_schedule: str = "cosine"  # constant | cosine | step
+    # µP's readout rule for sparse layers (sparsegrow.fan_in): a weight whose active fan-in F
+    # (inputs per output unit) exceeds this trains at lr * lr_fan_in_base / F; null: lr everywhere
+    lr_fan_in_base: int | None = None
     warmup_epochs: int = 0
     label_smoothing: float = 0.0
     threads: int | None = None  # torch.set_num_threads; None leaves torch's default
@@ -301,6 +304,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.dtype must be one of float32, float64, got {t.dtype!r}")
     if t.lr_schedule not in ("constant", "cosine", "step"):
         raise ConfigError(f"train.lr_schedule must be one of constant, cosine, step, got {t.lr_schedule!r}")
+    if t.lr_fan_in_base is not None and t.lr_fan_in_base < 1:
+        raise ConfigError(f"train.lr_fan_in_base must be an input count >= 1 or null, got {t.lr_fan_in_base}")
     if not 0.0 < s.density <= 1.0:
         raise ConfigError(f"sparsity.density must be in (0, 1], got {s.density}")
     if isinstance(s.update_every, str) and s.update_every != "epoch":

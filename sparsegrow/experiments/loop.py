@@ -42,6 +42,7 @@ from .build import build_optimizer, build_sparsifier, lr_at, resolve_device
 from .config import Config, ConfigError, check_resumable, dump_config, from_dict, read_yaml
 from .data import load_dataset, steps_per_epoch
 from .launch import World, all_sum, init_from_env, local_share, shutdown
+from ..fan_in import fan_in_lr_scales
 from ..layers.sparse_linear import SparseLinear
 from .models import _init_conv_bn, build_model
 from .results import (CorruptFileError, MetricsLog, atomic_torch_save, atomic_write_json,
@@ -138,6 +139,34 @@ def materialise_dense(model: torch.nn.Module) -> list[str]:
     return done
 
 
+def build_model_and_sparsifier(cfg: Config, data, steps_per_epoch: int, device: torch.device,
+                               dtype: torch.dtype = torch.float32):
+    """The run's model on `device` and its sparsifier, initialised as the config says.
+
+    Truly sparse storage builds the model on the meta device so no dense weight is ever
+    allocated: the sparsifier replaces the chosen Linear and Conv2d layers by SparseLinear /
+    SparseConv2d, then the dense rest (BatchNorm, unchosen layers) is materialised and the
+    convolutions get the models' init at their active weights. `sparsity.sparse_init` scales
+    every sparse layer once, after that init (scaling in the sparsifier too would scale the
+    Linear layers twice: ×sqrt(fan_in / active fan_in) more, e.g. ×114 at 262,144 inputs).
+    """
+    model_cfg = cfg.model
+    if cfg.sparsity.storage == "sparse":
+        with torch.device("meta"):
+            model = build_model(model_cfg.name, data.input_shape, data.num_classes, **model_cfg.kwargs)
+        sparsifier = build_sparsifier(cfg, model, steps_per_epoch, sparse_init=False)
+        materialise_dense(model)
+        _init_conv_bn(model)  # the models' conv/BN init, at the active weights of sparse convs
+        if cfg.sparsity.sparse_init:
+            sparsifier._scale_init_to_active_fan_in()
+        model.to(device, dtype)
+    else:
+        model = build_model(model_cfg.name, data.input_shape, data.num_classes, **model_cfg.kwargs)
+        model.to(device, dtype)
+        sparsifier = build_sparsifier(cfg, model, steps_per_epoch)
+    return model, sparsifier
+
+
 def read_run_config(run_dir: str | Path) -> Config | None:
     """The config a run directory was started with (its config.yaml, read with today's defaults
     for keys added since), or None if it has none; a damaged file is an error naming it."""
@@ -230,22 +259,7 @@ def _train(cfg: Config, run_dir: Path, resume: bool, progress: bool, device: tor
                         test_subset=cfg.data.test_subset)
     spe = steps_per_epoch(len(data.train_y), t.batch_size)
     total_steps = spe * t.epochs
-    if cfg.sparsity.storage == "sparse":
-        # Truly sparse layers: build on the meta device so no dense weight is ever allocated;
-        # the sparsifier replaces the chosen Linear and Conv2d layers by SparseLinear /
-        # SparseConv2d, then the dense rest (BatchNorm, unchosen layers) is materialised.
-        with torch.device("meta"):
-            model = build_model(cfg.model.name, data.input_shape, data.num_classes, **cfg.model.kwargs)
-        sparsifier = build_sparsifier(cfg, model, spe)
-        materialise_dense(model)
-        _init_conv_bn(model)  # the models' conv/BN init, at the active weights of sparse convs
-        if cfg.sparsity.sparse_init:  # the re-init above undid the sparsifier's scaling
-            sparsifier._scale_init_to_active_fan_in()
-        model.to(device, dtype)
-    else:
-        model = build_model(cfg.model.name, data.input_shape, data.num_classes, **cfg.model.kwargs)
-        model.to(device, dtype)
-        sparsifier = build_sparsifier(cfg, model, spe)
+    model, sparsifier = build_model_and_sparsifier(cfg, data, spe, device, dtype)
     # Several processes: DistributedDataParallel averages the gradients; the Sparsifier (built
     # first, on every rank alike) reduces its growth signal and checks that topologies agree.
     # broadcast_buffers=False: DDP would otherwise re-send every buffer from rank 0 at each
@@ -255,6 +269,10 @@ def _train(cfg: Config, run_dir: Path, resume: bool, progress: bool, device: tor
     net = DistributedDataParallel(model, **_NO_FORWARD_BUFFER_SYNC) if world.distributed else model
     optimizer = build_optimizer(cfg, model, sparsifier)
     sparsifier.attach(optimizer)
+    lr_scales = fan_in_lr_scales(model, t.lr_fan_in_base) if t.lr_fan_in_base else {}
+    if lr_scales and world.main:
+        tqdm.write("lr × base / active fan-in (train.lr_fan_in_base=" f"{t.lr_fan_in_base}): "
+                   + ", ".join(f"{n} × {v:.3g}" for n, v in lr_scales.items()))
     extra_loss = getattr(sparsifier, "loss", None)  # DST's sparsity regulariser
 
     start_epoch, start_batch, step = 0, 0, 0  # where training stands: batches of epoch, steps
@@ -266,7 +284,10 @@ def _train(cfg: Config, run_dir: Path, resume: bool, progress: bool, device: tor
         ckpt = load_checkpoint(ckpt_path, device)
         model.load_state_dict(ckpt["model"])
         sparsifier.load_state_dict(ckpt["sparsifier"])
-        optimizer.load_state_dict(ckpt["optimizer"])
+        scales = [group["lr_scale"] for group in optimizer.param_groups]
+        optimizer.load_state_dict(ckpt["optimizer"])  # its groups replace the built ones...
+        for group, scale in zip(optimizer.param_groups, scales):  # ...older ones lack lr_scale
+            group["lr_scale"] = scale
         torch.set_rng_state(ckpt["torch_rng"].cpu())  # loaded onto `device` with the rest
         if device.type == "cuda" and ckpt.get("cuda_rng") is not None:
             torch.cuda.set_rng_state(ckpt["cuda_rng"].cpu(), device)
@@ -322,8 +343,9 @@ def _train(cfg: Config, run_dir: Path, resume: bool, progress: bool, device: tor
             bar = tqdm(batches, total=spe, initial=first, desc=f"epoch {epoch + 1}/{t.epochs}",
                        disable=not progress, leave=False, dynamic_ncols=True)
             for batch, (xb, yb) in enumerate(bar, start=first):
+                lr = lr_at(cfg, step, total_steps, spe)
                 for group in optimizer.param_groups:
-                    group["lr"] = lr_at(cfg, step, total_steps, spe)
+                    group["lr"] = lr * group["lr_scale"]
                 xb, yb = local_share(xb, world), local_share(yb, world)  # this rank's share
                 xb = xb.to(device, dtype, non_blocking=True)
                 yb = yb.to(device, non_blocking=True)
@@ -396,7 +418,7 @@ def _train(cfg: Config, run_dir: Path, resume: bool, progress: bool, device: tor
         "epochs_changes": epochs_changes,
         "test_acc": test_acc, "test_loss": test_loss, "train_time_s": train_time,
         "update_time_s": rep["update_time_s"], "n_updates": rep["n_updates"],
-        "phases_s": phase_totals,
+        "phases_s": phase_totals, "lr_scales": lr_scales,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # Linux: KiB
         # the process's peak of allocated CUDA memory (tensors, not the allocator's cache)
         "peak_gpu_mib": (torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None),
