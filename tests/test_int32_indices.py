@@ -120,6 +120,11 @@ def test_c_kernel_and_torch_fallback_agree_on_int32(dtype):
     try:
         assert torch.equal(out["c"][0], kernels.spmm(ptr.long(), idx.long(), val, xt, 37))
         assert torch.equal(out["c"][1], kernels.sddmm(ptr.long(), idx.long(), a, xt))
+        # both gradients in one pass over the columns: the same numbers as the two kernels
+        for cast in (lambda t: t, lambda t: t.long()):
+            dxt, dv = kernels.csc_grads(*(cast(t) for t in (ptr, idx, layer.ccol, layer.row_t,
+                                                            layer.perm)), val, a, xt)
+            assert torch.equal(dxt, out["c"][2]) and torch.equal(dv, out["c"][1])
     finally:
         kernels.set_backend(old)
 

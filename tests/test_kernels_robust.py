@@ -106,6 +106,9 @@ kernels.set_backend(BACKEND)
 ptr, idx = torch.tensor([0, 2, 2, 4]), torch.tensor([0, 3, 1, 2])
 val, xt, a = torch.randn(4), torch.randn(4, 5), torch.randn(3, 5)
 big = 1 << 40
+cptr, cidx = torch.tensor([0, 1, 2, 3, 4]), torch.tensor([0, 2, 2, 0])  # the transposed view
+def grads(perm):  # both gradients in one pass; the C kernel writes dW at perm's positions
+    return kernels.csc_grads(ptr, idx, cptr, cidx, perm, val, a, xt)
 cases = {
     "col >= n_cols": lambda: kernels.spmm(ptr, torch.tensor([0, big, 1, 2]), val, xt, 3),
     "col < 0": lambda: kernels.spmm(ptr, torch.tensor([0, 3, -big, 2]), val, xt, 3),
@@ -130,6 +133,12 @@ cases = {
     "sddmm a rows": lambda: kernels.sddmm(ptr, idx, torch.randn(7, 5), xt),
     "sddmm B": lambda: kernels.sddmm(ptr, idx, a, torch.randn(4, 6)),
     "unsorted seq": lambda: kernels.searchsorted_sorted(torch.tensor([5, 1, 9]), torch.tensor([2])),
+    "perm >= nnz": lambda: grads(torch.tensor([3, 0, big, 1])),
+    "perm < 0": lambda: grads(torch.tensor([3, 0, 2, -1])),
+    "perm length": lambda: grads(torch.tensor([3, 0, 2])),
+    "perm dtype": lambda: grads(torch.tensor([3, 0, 2, 1]).int()),
+    "csc_grads rows": lambda: kernels.csc_grads(ptr, idx, cptr, cidx, torch.arange(4), val,
+                                                torch.randn(5, 5), xt),
 }
 """
 
@@ -148,6 +157,11 @@ EXPECTED = {
     "ptr length": r"ptr has 4 entries; a matrix of 5 rows needs n_rows \+ 1 = 6",
     "val length": r"val \(3,\) must be \(nnz,\) = \(4,\)",
     "idx strided": r"idx \(column indices\) must be contiguous",
+    "perm >= nnz": r"perm holds position 1099511627776, out of range \[0, 4\)",
+    "perm < 0": r"perm holds position -1, out of range \[0, 4\)",
+    "perm length": r"perm has 3 entries, the pattern 4",
+    "perm dtype": r"perm is torch.int32 on cpu but idx torch.int64 on cpu; they must match",
+    "csc_grads rows": r"must be \(3, B\) and \(4, B\)",
     "dtype mix": r"xt is torch.float32 .* but val is torch.float64",
     "sddmm col >= n_cols": r"sddmm: column index 1099511627776 is out of range \[0, 4\)",
     "sddmm a rows": r"ptr has 4 entries; a matrix of 7 rows",
@@ -180,6 +194,10 @@ def crow_in_place():
     layer = fresh(); fwd_bwd(layer)
     layer.crow[-1] = 1 << 30
     fwd_bwd(layer)
+def perm_in_place():  # where backward writes dW (one pass over the columns)
+    layer = fresh(); fwd_bwd(layer)
+    layer.perm[2] = 1 << 20
+    fwd_bwd(layer)
 def row_t_in_place():  # the transposed view, read by backward only
     layer = fresh(); fwd_bwd(layer)
     layer.row_t[0] = -(1 << 30)
@@ -189,7 +207,7 @@ def checkpoint():
     sd["crow"][2] = 100
     fresh().load_state_dict(sd)
 cases = dict(col_in_place=col_in_place, col_int64=col_int64, crow_in_place=crow_in_place,
-             row_t_in_place=row_t_in_place, checkpoint=checkpoint)
+             row_t_in_place=row_t_in_place, perm_in_place=perm_in_place, checkpoint=checkpoint)
 """
 
 LAYER_EXPECTED = {
@@ -197,6 +215,7 @@ LAYER_EXPECTED = {
     "col_int64": r"ptr is torch.int32 but idx is torch.int64; they must match",
     "crow_in_place": r"ptr must run from 0 to nnz = 8 .* ptr\[-1\] = 1073741824",
     "row_t_in_place": r"column index -1073741824 is out of range \[0, 6\)",
+    "perm_in_place": r"perm holds position 1048576, out of range \[0, 8\)",
     "checkpoint": r"checkpoint CSR is invalid: ptr must be non-decreasing",
 }
 
@@ -218,7 +237,7 @@ def test_full_index_check_runs_once_per_topology(monkeypatch):
     gen = torch.Generator().manual_seed(0)
     active = sample_inactive(40 * 30, torch.empty(0, dtype=torch.long), 200, gen)
     layer = sl.SparseLinear(30, 40, active, generator=gen)
-    assert len(calls) == 2  # (crow, col) and the transposed (ccol, row_t)
+    assert len(calls) == 3  # (crow, col), the transposed (ccol, row_t) and perm
     p = sl.SparseLinearParam("w", layer)
     for step in range(6):
         calls.clear()
@@ -228,7 +247,7 @@ def test_full_index_check_runs_once_per_topology(monkeypatch):
             a = p.active()
             grow = sample_inactive(1200, a, 10, gen)
             p.update(a[:10], grow, torch.zeros(10))
-            assert len(calls) == 2
+            assert len(calls) == 3
 
 
 # ---------------------------------------------------------------------------------------------

@@ -214,6 +214,35 @@ void sg_spmm_##SUF(const I* ptr, const I* idx, const T* val, const T* X, T* Y,  
     }                                                                                        \
   }                                                                                          \
 }                                                                                            \
+/* Both gradients of Y^T = W X^T in one pass over W's columns (the CSC view ccol/row_t, with   \
+   W's row-major value positions perm): for column i and each of its connections (j, i),       \
+   dv[perm[k]] = <dY^T[j], X^T[i]> and dX^T[i] += W_ji dY^T[j]. X^T[i] and dX^T[i] stay in      \
+   cache for the column, so each connection gathers one random row (dY^T[j]) where the SDDMM    \
+   and the transposed SpMM apart gather two. Threads own columns: no write is shared. */        \
+void sg_cscgrad_##SUF(const I* ccol, const I* row_t, const I* perm, const T* val,            \
+                      const T* dYt, const T* Xt, T* dXt, T* dv, int64_t n_cols, int64_t B,    \
+                      int nthreads) {                                                        \
+  const I* idx = row_t;                                                                      \
+  _Pragma("omp parallel for schedule(dynamic, 64) num_threads(nthreads)")                   \
+  for (int64_t i = 0; i < n_cols; ++i) {                                                     \
+    const T* x = Xt + i * B;                                                                 \
+    T* dx = dXt + i * B;                                                                     \
+    for (int64_t b = 0; b < B; ++b) dx[b] = 0;                                               \
+    const int64_t end = (int64_t)ccol[i + 1];                                                \
+    for (int64_t k = (int64_t)ccol[i]; k < end; ++k) {                                       \
+      PREFETCH(dYt, k, end, B, T)                                                            \
+      const int64_t p = (int64_t)perm[k];                                                    \
+      const T v = val[p];                                                                    \
+      const T* dy = dYt + (int64_t)row_t[k] * B;                                             \
+      T s = 0;                                                                               \
+      _Pragma("omp simd reduction(+:s)")                                                     \
+      for (int64_t b = 0; b < B; ++b) s += dy[b] * x[b];                                     \
+      dv[p] = s;                                                                             \
+      _Pragma("omp simd")                                                                    \
+      for (int64_t b = 0; b < B; ++b) dx[b] += v * dy[b];                                    \
+    }                                                                                        \
+  }                                                                                          \
+}                                                                                            \
 void sg_sddmm_##SUF(const I* ptr, const I* idx, const T* A, const T* Bm, T* out,\
                     int64_t n_rows, int64_t B, int nthreads) {                               \
   _Pragma("omp parallel for schedule(dynamic, 64) num_threads(nthreads)")                   \
@@ -247,6 +276,8 @@ void sg_rank_sorted(const int64_t* seq, int64_t n, const int64_t* q, int64_t m, 
 _P, _I64, _I32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 _SIGNATURES = {f"sg_{op}_{suf}": ([_P, _P, _P, _P, _P, _I64, _I64, _I32], None)
                for op in ("spmm", "sddmm") for suf in ("f32_i64", "f64_i64", "f32_i32", "f64_i32")}
+_SIGNATURES.update({f"sg_cscgrad_{suf}": ([_P] * 8 + [_I64, _I64, _I32], None)
+                    for suf in ("f32_i64", "f64_i64", "f32_i32", "f64_i32")})
 _SIGNATURES["sg_rank_sorted"] = ([_P, _I64, _P, _I64, _P], None)
 
 
@@ -392,6 +423,62 @@ def sddmm(ptr: torch.Tensor, idx: torch.Tensor, a: torch.Tensor, b: torch.Tensor
     if _eager(a):
         return _sddmm_checked(ptr, idx, a, b)
     return _sddmm_op(ptr, idx, a, b)
+
+
+def check_perm(perm: torch.Tensor, idx: torch.Tensor, op: str = "csc_grads") -> None:
+    """Raise ValueError unless perm holds idx.numel() positions in [0, nnz), of idx's dtype and
+    device (where a kernel reads and writes values). The O(nnz) range check is skipped when this
+    perm passed it unchanged."""
+    _check_index(perm, "perm (value positions)", op)
+    if perm.dtype != idx.dtype or perm.device != idx.device:
+        raise ValueError(f"{op}: perm is {perm.dtype} on {perm.device} but idx {idx.dtype} on "
+                         f"{idx.device}; they must match")
+    nnz = idx.numel()
+    if perm.numel() != nnz:
+        raise ValueError(f"{op}: perm has {perm.numel()} entries, the pattern {nnz}")
+    key, stamp = (id(perm), -1), _stamp(perm, perm, nnz)
+    hit = _checked.get(key)
+    if stamp is not None and hit is not None and hit[0]() is perm and hit[2] == stamp:
+        return
+    if nnz:
+        lo, hi = (int(v) for v in torch.aminmax(perm))
+        if lo < 0 or hi >= nnz:
+            raise ValueError(f"{op}: perm holds position {lo if lo < 0 else hi}, out of range "
+                             f"[0, {nnz})")
+    if stamp is not None:
+        forget = lambda _, key=key: _checked.pop(key, None)  # noqa: E731
+        _checked[key] = (weakref.ref(perm, forget), None, stamp)
+
+
+def csc_grads(crow: torch.Tensor, col: torch.Tensor, ccol: torch.Tensor, row_t: torch.Tensor,
+              perm: torch.Tensor, val: torch.Tensor, dyt: torch.Tensor,
+              xt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dX^T (M, B), dW at the nnz in row-major order (nnz,)) of Y^T = W X^T, W (N, M) in CSR
+    (crow, col, val) with its CSC view (ccol, row_t) and perm (val[perm] in column order).
+
+    On CPU with the C kernels, float32/64 and no tracing: one pass over W's columns that gathers
+    one random row per connection (sg_cscgrad) instead of two (SDDMM, then the transposed SpMM).
+    Otherwise the two kernels: the same numbers."""
+    if not _eager(xt):  # traced (compile, export): the two custom ops, which check themselves
+        return spmm(ccol, row_t, val[perm], dyt, ccol.numel() - 1), sddmm(crow, col, dyt, xt)
+    n, m = crow.numel() - 1, ccol.numel() - 1
+    _check_sddmm(crow, col, dyt, xt)
+    _check_spmm(ccol, row_t, val, dyt, m)
+    check_perm(perm, row_t, "csc_grads")
+    if dyt.shape[0] != n or xt.shape[0] != m:
+        raise ValueError(f"csc_grads: dyt {tuple(dyt.shape)} and xt {tuple(xt.shape)} must be "
+                         f"({n}, B) and ({m}, B) for a {n}x{m} weight")
+    if dyt.dtype in _FLOATS and _backend != "reference" and _use_c(xt.device):
+        check_csr(ccol, row_t, m, n, "csc_grads")
+        dyt, xt, val = dyt.contiguous(), xt.contiguous(), val.contiguous()
+        dxt = torch.empty(m, xt.shape[1], dtype=xt.dtype)
+        dv = torch.empty(val.numel(), dtype=xt.dtype)
+        _c_fn("cscgrad", xt.dtype, row_t.dtype)(
+            ccol.data_ptr(), row_t.data_ptr(), perm.data_ptr(), val.data_ptr(), dyt.data_ptr(),
+            xt.data_ptr(), dxt.data_ptr(), dv.data_ptr(), m, xt.shape[1], torch.get_num_threads())
+        return dxt, dv
+    dv = sddmm(crow, col, dyt, xt)
+    return spmm(ccol, row_t, val[perm], dyt, ccol.numel() - 1), dv
 
 
 def searchsorted_sorted(seq: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:

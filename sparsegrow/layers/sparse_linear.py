@@ -81,8 +81,12 @@ class _SparseLinearFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         xt, values, crow, col, ccol, row_t, perm = ctx.saved_tensors
-        dxt, dv = csr_grads(dy.t().contiguous(), lambda: xt, ctx.needs_input_grad[:2], values,
-                            crow, col, ccol, row_t, perm)
+        dyt = dy.t().contiguous()  # (N, B)
+        if all(ctx.needs_input_grad[:2]):  # xt is saved anyway: both gradients in one pass
+            dxt, dv = kernels.csc_grads(crow, col, ccol, row_t, perm, values, dyt, xt)
+        else:
+            dxt, dv = csr_grads(dyt, lambda: xt, ctx.needs_input_grad[:2], values, crow, col,
+                                ccol, row_t, perm)
         return (dxt.t() if dxt is not None else None), dv, None, None, None, None, None
 
 
@@ -291,6 +295,7 @@ class CSRModule(nn.Module):
         # O(nnz) validation once per topology; the kernels then recognise these exact tensors
         kernels.check_csr(self.crow, self.col, n, m, what)
         kernels.check_csr(self.ccol, self.row_t, m, n, f"{what} (transposed)")
+        kernels.check_perm(self.perm, self.row_t, f"{what} (transposed)")
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # The topology in the checkpoint may differ in nnz: resize before the default copy,
