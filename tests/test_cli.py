@@ -1,5 +1,6 @@
 """The CLI end to end: every shipped config runs a few steps; resume equals an uninterrupted run."""
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ from sparsegrow.experiments.data import FASHION_MNIST_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
 SWEEPS = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "configs").rglob("*.yaml")
-                if "base:" in p.read_text())
+                if re.search(r"^base:", p.read_text(), re.M))  # a sweep names its base config
 CONFIGS = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "configs").rglob("*.yaml")
                  if str(p.relative_to(ROOT)) not in SWEEPS)
 needs_fmnist = pytest.mark.skipif(not (FASHION_MNIST_DIR / "t10k-labels-idx1-ubyte.gz").exists(),
