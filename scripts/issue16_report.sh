@@ -9,6 +9,33 @@ for d in 0.05 0.01 0.005; do
   dirs=$(ls -d runs/long_lenet/*-d$d runs/long_lenet/dense 2>/dev/null)
   $SG plot accuracy $dirs --out docs/figures/long_lenet_d${d}_accuracy.png >&2 || true
 done
+echo
+echo "Experiment 1, between rules (paired by seed, 95% CI):"
+${PYTHON:-python} - <<'PY'
+import json
+from pathlib import Path
+from sparsegrow.experiments.report import paired_difference
+
+def acc(label):
+    out = {}
+    for f in Path("runs/long_lenet", label).glob("seed*/summary.json"):
+        s = json.loads(f.read_text())
+        out[s["seed"]] = 100 * s["test_acc"]
+    return out
+
+print("| comparison | density | Δ acc (pp) | 95% CI | pairs | verdict |")
+print("|---|---|---|---|---|---|")
+for d in ("0.05", "0.01", "0.005"):
+    for a, b in (("set", "rigl"), ("search", "rigl"), ("search-acc", "rigl"), ("search-wedge", "rigl"),
+                 ("search-wedge", "search"), ("search", "set")):
+        got = paired_difference(acc(f"{a}-d{d}"), acc(f"{b}-d{d}"))
+        if got is None:
+            print(f"| {a} − {b} | {d} | - | - | <2 | |")
+            continue
+        n, m, lo, hi = got
+        verdict = "no difference" if lo <= 0 <= hi else ("higher" if lo > 0 else "lower")
+        print(f"| {a} − {b} | {d} | {m:+.2f} | [{lo:+.2f}, {hi:+.2f}] | {n} | {verdict} |")
+PY
 echo "### Experiment 2: equal parameter budget"
 $SG report runs/width_budget --ci --itop
 echo "### Experiment 3, pilot"
