@@ -2,7 +2,7 @@
 square of the classifier's input, to see a divergence start (writes no files).
 
     python scripts/first_steps.py configs/scale_1m.yaml --steps 12 sparsity.method=static \\
-        "model.kwargs={hidden: [262144, 262144]}" sparsity.density=0.0001526
+        "model.kwargs={hidden: [262144, 262144]}" sparsity.density=0.0001526 sparsity.include=null
 
 Builds the model, sparsifier and optimizer exactly as `sparsegrow train` does
 (experiments.loop.build_model_and_sparsifier, build.build_optimizer, the lr schedule and the
@@ -27,10 +27,10 @@ def main() -> None:
     ap.add_argument("config")
     ap.add_argument("overrides", nargs="*")
     ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=None, help="default: train.threads, else 1")
     args = ap.parse_intermixed_args()
     cfg = load_config(args.config, args.overrides)
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads or cfg.train.threads or 1)
     torch.manual_seed(cfg.seed)
     t = cfg.train
     data = load_dataset(cfg.data.dataset, root=cfg.data.root, pad_to=cfg.data.pad_to,

@@ -5,9 +5,16 @@ inputs: with O(1) inputs, in proportion to F. A truly sparse hidden layer keeps 
 width (ER at ε = 20: F ≈ 20–40 at 10⁶ units), but a dense classifier over 10⁶ hidden units has
 F = 10⁶, so at the lr that trains the hidden layers one step throws the logits far off
 (784-262144-262144-10, lr 0.05: max |logit| 0.3 → 31 → 268 in two steps, the loss in the
-hundreds). Yang et al. (2021, "Tensor Programs V", µP) scale the readout's SGD lr as 1/width;
+hundreds). µP (Yang & Hu 2021, "Tensor Programs IV") scales the readout's SGD lr as 1/width;
 with sparse layers the width that counts is the active fan-in. `fan_in_lr_scales(model, base)`
-gives lr × base / F to every weight whose F exceeds `base`, and 1 to the rest.
+gives lr × base / F to every weight whose F exceeds `base`, and 1 to the rest: unlike µP it does
+not single out the readout, so choose a base above every hidden layer's fan-in (the configs use
+1024 with hidden fan-ins of 20–65). With SGD and AdamW the weight decay step is lr-proportional,
+so a scaled weight's decay shrinks by the same factor.
+
+Only for methods whose inactive weights are exactly zero from the start (every registered
+method but GMP and DST): a method that starts dense or learns its density (GMP, DST) would be scaled by its
+dense fan-in for the whole run; the experiments' config refuses that combination.
 """
 from __future__ import annotations
 
@@ -20,7 +27,8 @@ from .layers.sparse_linear import SparseLinear
 
 def active_fan_in(module: nn.Module) -> float | None:
     """Mean active inputs per output unit of a Linear / Conv2d layer (dense, masked or truly
-    sparse: a masked weight's inactive entries are exactly zero), None for any other module."""
+    sparse: counts the nonzero weights, which are the active ones for masked storage; DST's
+    thresholded weights are dense), None for any other module."""
     if isinstance(module, SparseLinear):
         return module.values.numel() / module.out_features
     if isinstance(module, SparseConv2d):
@@ -37,7 +45,8 @@ def active_fan_in(module: nn.Module) -> float | None:
 def fan_in_lr_scales(model: nn.Module, base: int) -> dict[str, float]:
     """{parameter name: lr multiplier base / F} for every Linear / Conv2d weight (the `values`
     of a truly sparse layer) whose active fan-in F exceeds `base`; the rest keep lr × 1 and are
-    not listed. Biases are not scaled (their step does not sum over inputs)."""
+    not listed. Biases are not scaled (their step does not sum over inputs); frozen weights
+    (requires_grad False) are left out."""
     if not (isinstance(base, int) and base > 0):
         raise ValueError(f"fan_in_lr_scales: base must be a positive int, got {base!r}")
     scales = {}
@@ -46,7 +55,8 @@ def fan_in_lr_scales(model: nn.Module, base: int) -> dict[str, float]:
         if fan_in is None or fan_in <= base:
             continue
         weight = "values" if isinstance(module, (SparseLinear, SparseConv2d)) else "weight"
-        scales[f"{name}.{weight}" if name else weight] = base / fan_in
+        if getattr(module, weight).requires_grad:
+            scales[f"{name}.{weight}" if name else weight] = base / fan_in
     return scales
 
 

@@ -91,9 +91,22 @@ def test_the_scaled_readout_step_moves_the_logits_as_a_narrow_one_does():
     assert moved[(16384, 256)] < moved[(16384, None)] / 30
 
 
-def test_lr_fan_in_base_must_be_positive():
+def test_lr_fan_in_base_must_be_positive_and_for_methods_that_start_sparse():
     with pytest.raises(ConfigError, match="train.lr_fan_in_base must be an input count >= 1"):
         load_config(None, ["train.lr_fan_in_base=0"])
+    for method in ("gmp", "dst"):  # dense at the start: their fan-in is not the one they train at
+        with pytest.raises(ConfigError, match=f"method '{method}' starts dense or learns its density"):
+            load_config(None, ["train.lr_fan_in_base=16", f"sparsity.method={method}"])
+    load_config(None, ["train.lr_fan_in_base=16", "sparsity.method=srigl"])
+
+
+def test_frozen_weights_are_not_scaled():
+    model = net()
+    model[2].weight.requires_grad_(False)
+    assert fan_in_lr_scales(model, 20) == {"0.weight": pytest.approx(20 / 27), "4.weight": pytest.approx(20 / 64)}
+    groups = [{"params": [p for p in model.parameters() if p.requires_grad]}]
+    out = split_param_groups(groups, model, fan_in_lr_scales(model, 20))
+    assert sum(len(g["params"]) for g in out) == 5
 
 
 @needs_fmnist

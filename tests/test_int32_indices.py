@@ -120,11 +120,6 @@ def test_c_kernel_and_torch_fallback_agree_on_int32(dtype):
     try:
         assert torch.equal(out["c"][0], kernels.spmm(ptr.long(), idx.long(), val, xt, 37))
         assert torch.equal(out["c"][1], kernels.sddmm(ptr.long(), idx.long(), a, xt))
-        # both gradients in one pass over the columns: the same numbers as the two kernels
-        for cast in (lambda t: t, lambda t: t.long()):
-            dxt, dv = kernels.csc_grads(*(cast(t) for t in (ptr, idx, layer.ccol, layer.row_t,
-                                                            layer.perm)), val, a, xt)
-            assert torch.equal(dxt, out["c"][2]) and torch.equal(dv, out["c"][1])
     finally:
         kernels.set_backend(old)
 
@@ -279,3 +274,32 @@ def test_export_round_trip_with_int32_layers(tmp_path):
         assert torch.equal(m.active(), ref.active()) and torch.equal(m.values, ref.values)
     x = torch.randn(3, 30)
     assert torch.equal(loaded(x), model(x))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_csc_grads_one_pass_equals_the_two_kernels(dtype, monkeypatch):
+    """SparseLinear's backward computes dW and dX in one pass over the weight's columns
+    (sg_cscgrad) when the layer has >= 64 columns per thread: the same numbers, bit for bit, as
+    the SDDMM and the transposed SpMM, with int32 and int64 indices."""
+    if kernels._c_lib() is None:
+        pytest.skip("no C compiler: only the torch fallback exists")
+    torch.set_num_threads(2)
+    layer = sl.SparseLinear(300, 170, random_active(170, 300, 4000), dtype=dtype)
+    val = layer.values.detach()
+    xt, dyt = torch.randn(300, 11, dtype=dtype), torch.randn(170, 11, dtype=dtype)
+    called = []
+    c_fn = kernels._c_fn
+    monkeypatch.setattr(kernels, "_c_fn", lambda op, *a: called.append(op) or c_fn(op, *a))
+    old = kernels.get_backend()
+    kernels.set_backend("c")
+    try:
+        apart = (kernels.spmm(layer.ccol, layer.row_t, val[layer.perm], dyt, 300),
+                 kernels.sddmm(layer.crow, layer.col, dyt, xt))
+        for cast in (lambda t: t, lambda t: t.long()):
+            called.clear()
+            dxt, dv = kernels.csc_grads(*(cast(t) for t in (layer.crow, layer.col, layer.ccol,
+                                                            layer.row_t, layer.perm)), val, dyt, xt)
+            assert called == ["cscgrad"]
+            assert torch.equal(dxt, apart[0]) and torch.equal(dv, apart[1])
+    finally:
+        kernels.set_backend(old)

@@ -426,9 +426,9 @@ def sddmm(ptr: torch.Tensor, idx: torch.Tensor, a: torch.Tensor, b: torch.Tensor
 
 
 def check_perm(perm: torch.Tensor, idx: torch.Tensor, op: str = "csc_grads") -> None:
-    """Raise ValueError unless perm holds idx.numel() positions in [0, nnz), of idx's dtype and
-    device (where a kernel reads and writes values). The O(nnz) range check is skipped when this
-    perm passed it unchanged."""
+    """Raise ValueError unless perm is a permutation of [0, nnz), nnz = idx.numel(), of idx's
+    dtype and device (where a kernel reads and writes values). The O(nnz) checks are skipped when
+    this perm passed them unchanged."""
     _check_index(perm, "perm (value positions)", op)
     if perm.dtype != idx.dtype or perm.device != idx.device:
         raise ValueError(f"{op}: perm is {perm.dtype} on {perm.device} but idx {idx.dtype} on "
@@ -445,6 +445,13 @@ def check_perm(perm: torch.Tensor, idx: torch.Tensor, op: str = "csc_grads") -> 
         if lo < 0 or hi >= nnz:
             raise ValueError(f"{op}: perm holds position {lo if lo < 0 else hi}, out of range "
                              f"[0, {nnz})")
+        # a permutation: each position written once (a repeat would leave one unwritten and
+        # let two threads write the other)
+        counts = torch.bincount(perm.long(), minlength=nnz)
+        off = torch.nonzero(counts != 1)
+        if off.numel():
+            raise ValueError(f"{op}: perm is not a permutation of [0, {nnz}): position "
+                             f"{int(off[0])} appears {int(counts[off[0]])} times")
     if stamp is not None:
         forget = lambda _, key=key: _checked.pop(key, None)  # noqa: E731
         _checked[key] = (weakref.ref(perm, forget), None, stamp)
@@ -456,9 +463,9 @@ def csc_grads(crow: torch.Tensor, col: torch.Tensor, ccol: torch.Tensor, row_t: 
     """(dX^T (M, B), dW at the nnz in row-major order (nnz,)) of Y^T = W X^T, W (N, M) in CSR
     (crow, col, val) with its CSC view (ccol, row_t) and perm (val[perm] in column order).
 
-    On CPU with the C kernels, float32/64 and no tracing: one pass over W's columns that gathers
-    one random row per connection (sg_cscgrad) instead of two (SDDMM, then the transposed SpMM).
-    Otherwise the two kernels: the same numbers."""
+    On CPU with the C kernels, float32/64, no tracing and at least 64 columns per thread: one pass
+    over W's columns that gathers one random row per connection (sg_cscgrad) instead of two (SDDMM,
+    then the transposed SpMM). Otherwise the two kernels: the same numbers."""
     if not _eager(xt):  # traced (compile, export): the two custom ops, which check themselves
         return spmm(ccol, row_t, val[perm], dyt, ccol.numel() - 1), sddmm(crow, col, dyt, xt)
     n, m = crow.numel() - 1, ccol.numel() - 1
@@ -468,7 +475,9 @@ def csc_grads(crow: torch.Tensor, col: torch.Tensor, ccol: torch.Tensor, row_t: 
     if dyt.shape[0] != n or xt.shape[0] != m:
         raise ValueError(f"csc_grads: dyt {tuple(dyt.shape)} and xt {tuple(xt.shape)} must be "
                          f"({n}, B) and ({m}, B) for a {n}x{m} weight")
-    if dyt.dtype in _FLOATS and _backend != "reference" and _use_c(xt.device):
+    # a chunk of 64 columns per thread at a time: narrower weights keep the row-parallel kernels
+    if (dyt.dtype in _FLOATS and _backend != "reference" and _use_c(xt.device)
+            and m >= 64 * torch.get_num_threads()):
         check_csr(ccol, row_t, m, n, "csc_grads")
         dyt, xt, val = dyt.contiguous(), xt.contiguous(), val.contiguous()
         dxt = torch.empty(m, xt.shape[1], dtype=xt.dtype)
