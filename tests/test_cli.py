@@ -22,15 +22,35 @@ SMALL = ["train.epochs=1", "data.train_subset=256", "data.test_subset=500", "tra
          "sparsity.update_every=2", "train.threads=2"]
 
 
+WIDE = 100_000  # hidden units: such a config's full-width run takes minutes (slow suite)
+WIDE_CONFIGS = [c for c in CONFIGS if max(load_config(ROOT / c).model.kwargs.get("hidden", [0])) > WIDE]
+
+
 @needs_fmnist
 @pytest.mark.parametrize("config", CONFIGS)
 def test_every_shipped_config_runs_a_few_steps(config, tmp_path, capsys):
+    run_shipped_config(config, tmp_path, capsys, full_width=False)
+
+
+@pytest.mark.slow
+@needs_fmnist
+@pytest.mark.parametrize("config", WIDE_CONFIGS)
+def test_wide_shipped_configs_run_a_few_steps_at_full_width(config, tmp_path, capsys):
+    run_shipped_config(config, tmp_path, capsys, full_width=True)
+
+
+def run_shipped_config(config, tmp_path, capsys, full_width: bool):
+    """A few steps of a shipped config on small data; models wider than WIDE at 4096 wide (and
+    density 0.01) unless full_width: their build, layers and optimizer groups are the same."""
     text = (ROOT / config).read_text()
     assert text.startswith(f"# sparsegrow "), "a config starts with the command that runs it"
     cfg = load_config(ROOT / config)
     extra = list(SMALL)
     if cfg.model.name in ("wrn", "resnet"):
         extra += ["model.kwargs={depth: 10, width: 1}" if cfg.model.name == "wrn" else "model.kwargs={depth: 8, width: 4}"]
+    if config in WIDE_CONFIGS and not full_width:
+        extra += ["model.kwargs={hidden: [4096, 4096]}", "sparsity.density=0.01"]
+    cfg = load_config(ROOT / config, extra)
     rc = main(["train", str(ROOT / config), *extra, "--run-dir", str(tmp_path / "r"), "--no-progress"])
     assert rc == 0, capsys.readouterr().err
     summary = json.loads((tmp_path / "r" / "summary.json").read_text())
