@@ -4,8 +4,8 @@ An SGD step moves a layer's output unit by about lr · δ · Σ_i x_i², summed 
 inputs: with O(1) inputs, in proportion to F. A truly sparse hidden layer keeps F small at any
 width (ER at ε = 20: F ≈ 20–40 at 10⁶ units), but a dense classifier over 10⁶ hidden units has
 F = 10⁶, so at the lr that trains the hidden layers one step throws the logits far off
-(784-262144-262144-10, lr 0.05: max |logit| 0.3 → 31 → 268 in two steps, the loss in the
-hundreds). µP (Yang & Hu 2021, "Tensor Programs IV") scales the readout's SGD lr as 1/width;
+(784-262144-262144-10, lr 0.05: max |logit| 0.34 → 16 → 158 in two steps, the loss 94 by step
+5; benchmarks/results/first_steps_s6.txt). µP (Yang & Hu 2021, "Tensor Programs IV") scales the readout's SGD lr as 1/width;
 with sparse layers the width that counts is the active fan-in. `fan_in_lr_scales(model, base)`
 gives lr × base / F to every weight whose F exceeds `base`, and 1 to the rest: unlike µP it does
 not single out the readout, so choose a base above every hidden layer's fan-in (the configs use
@@ -13,7 +13,7 @@ not single out the readout, so choose a base above every hidden layer's fan-in (
 so a scaled weight's decay shrinks by the same factor.
 
 Only for methods whose inactive weights are exactly zero from the start (every registered
-method but GMP and DST): a method that starts dense or learns its density (GMP, DST) would be scaled by its
+method but GMP and DST): one that starts dense or learns its density would be scaled by its
 dense fan-in for the whole run; the experiments' config refuses that combination.
 """
 from __future__ import annotations

@@ -315,11 +315,15 @@ def validate(cfg: Config) -> None:
     if s.method not in sparsegrow.METHODS:
         raise ConfigError(f"sparsity.method: unknown method {s.method!r}; allowed: "
                           f"{', '.join(sparsegrow.METHODS.names())}")
-    spec = sparsegrow.METHODS.get(s.method)
-    if t.lr_fan_in_base is not None and (spec.prune or spec.make is not None):
+    def starts_dense(name: str) -> bool:  # GMP prunes from dense, DST learns its density
+        spec = sparsegrow.METHODS.get(name)
+        return spec.prune or spec.make is not None
+
+    if t.lr_fan_in_base is not None and starts_dense(s.method):
+        allowed = ", ".join(m for m in sparsegrow.METHODS.names() if not starts_dense(m))
         raise ConfigError(f"train.lr_fan_in_base scales by the fan-in at the start, but method "
-                          f"{s.method!r} starts dense or learns its density; use it with "
-                          "dense, static, set, rigl or search, or set it to null")
+                          f"{s.method!r} starts dense or learns its density; use it with one of "
+                          f"{allowed}, or set it to null")
     if s.fan_in is not None and s.fan_in not in ("free", "constant"):
         raise ConfigError(f"sparsity.fan_in must be free, constant or null, got {s.fan_in!r}")
     if s.update_end <= 0:

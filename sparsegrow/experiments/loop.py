@@ -42,7 +42,6 @@ from .build import build_optimizer, build_sparsifier, lr_at, resolve_device
 from .config import Config, ConfigError, check_resumable, dump_config, from_dict, read_yaml
 from .data import load_dataset, steps_per_epoch
 from .launch import World, all_sum, init_from_env, local_share, shutdown
-from ..fan_in import fan_in_lr_scales
 from ..layers.sparse_linear import SparseLinear
 from .models import _init_conv_bn, build_model
 from .results import (CorruptFileError, MetricsLog, atomic_torch_save, atomic_write_json,
@@ -269,7 +268,10 @@ def _train(cfg: Config, run_dir: Path, resume: bool, progress: bool, device: tor
     net = DistributedDataParallel(model, **_NO_FORWARD_BUFFER_SYNC) if world.distributed else model
     optimizer = build_optimizer(cfg, model, sparsifier)
     sparsifier.attach(optimizer)
-    lr_scales = fan_in_lr_scales(model, t.lr_fan_in_base) if t.lr_fan_in_base else {}
+    # the scaled weights, as the optimizer holds them (split_param_groups: one group each)
+    names = {id(p): n for n, p in model.named_parameters()}
+    lr_scales = {names[id(g["params"][0])]: g["lr_scale"] for g in optimizer.param_groups
+                 if g["lr_scale"] != 1.0}
     if lr_scales and world.main:
         tqdm.write("lr × base / active fan-in (train.lr_fan_in_base=" f"{t.lr_fan_in_base}): "
                    + ", ".join(f"{n} × {v:.3g}" for n, v in lr_scales.items()))

@@ -75,7 +75,8 @@ def get_backend() -> str:
 
 _FLOATS = (torch.float32, torch.float64)  # what the kernels compute in
 _WIDEN = {torch.bfloat16: torch.float32, torch.float16: torch.float32}  # computed in float32
-_checked: dict[tuple[int, int], tuple] = {}  # (id(ptr), id(idx)) -> (ref, ref, stamp)
+# (id(ptr), id(idx)) or (id(perm),) -> (weak refs to those tensors, stamp): passed the O(nnz) check
+_checked: dict[tuple, tuple] = {}
 
 
 INDEX_DTYPES = (torch.int32, torch.int64)  # what ptr and idx may be (both the same)
@@ -123,9 +124,7 @@ def check_csr(ptr: torch.Tensor, idx: torch.Tensor, n_rows: int, n_cols: int,
         raise ValueError(f"{op}: ptr has {ptr.numel()} entries; a matrix of {n_rows} rows needs "
                          f"n_rows + 1 = {n_rows + 1}")
     key, stamp = (id(ptr), id(idx)), _stamp(ptr, idx, n_cols)
-    hit = _checked.get(key)
-    if stamp is not None and hit is not None and hit[0]() is ptr and hit[1]() is idx \
-            and hit[2] == stamp:
+    if _passed(key, stamp, (ptr, idx)):
         return
     nnz = idx.numel()
     first, last = int(ptr[0]), int(ptr[-1])
@@ -143,9 +142,20 @@ def check_csr(ptr: torch.Tensor, idx: torch.Tensor, n_rows: int, n_cols: int,
         if lo < 0 or hi >= n_cols:
             raise ValueError(f"{op}: column index {lo if lo < 0 else hi} is out of range "
                              f"[0, {n_cols})")
+    _remember(key, stamp, (ptr, idx))
+
+
+def _passed(key: tuple, stamp: tuple | None, tensors: tuple) -> bool:
+    """Whether these exact tensors, unchanged since (same stamp), passed an O(nnz) check."""
+    hit = _checked.get(key)
+    return (stamp is not None and hit is not None and hit[1] == stamp
+            and all(ref() is t for ref, t in zip(hit[0], tensors)))
+
+
+def _remember(key: tuple, stamp: tuple | None, tensors: tuple) -> None:
     if stamp is not None:
         forget = lambda _, key=key: _checked.pop(key, None)  # noqa: E731
-        _checked[key] = (weakref.ref(ptr, forget), weakref.ref(idx, forget), stamp)
+        _checked[key] = (tuple(weakref.ref(t, forget) for t in tensors), stamp)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -436,9 +446,8 @@ def check_perm(perm: torch.Tensor, idx: torch.Tensor, op: str = "csc_grads") -> 
     nnz = idx.numel()
     if perm.numel() != nnz:
         raise ValueError(f"{op}: perm has {perm.numel()} entries, the pattern {nnz}")
-    key, stamp = (id(perm), -1), _stamp(perm, perm, nnz)
-    hit = _checked.get(key)
-    if stamp is not None and hit is not None and hit[0]() is perm and hit[2] == stamp:
+    key, stamp = (id(perm),), _stamp(perm, perm, nnz)
+    if _passed(key, stamp, (perm,)):
         return
     if nnz:
         lo, hi = (int(v) for v in torch.aminmax(perm))
@@ -452,9 +461,7 @@ def check_perm(perm: torch.Tensor, idx: torch.Tensor, op: str = "csc_grads") -> 
         if off.numel():
             raise ValueError(f"{op}: perm is not a permutation of [0, {nnz}): position "
                              f"{int(off[0])} appears {int(counts[off[0]])} times")
-    if stamp is not None:
-        forget = lambda _, key=key: _checked.pop(key, None)  # noqa: E731
-        _checked[key] = (weakref.ref(perm, forget), None, stamp)
+    _remember(key, stamp, (perm,))
 
 
 def csc_grads(crow: torch.Tensor, col: torch.Tensor, ccol: torch.Tensor, row_t: torch.Tensor,
