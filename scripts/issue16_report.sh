@@ -15,6 +15,14 @@ ${PYTHON:-python} scripts/paired_rules.py runs/long_lenet --densities 0.05 0.01 
   --pairs set:rigl search:rigl search-acc:rigl search-wedge:rigl search-wedge:search search:set
 echo "### Experiment 2: equal parameter budget"
 $SG report runs/width_budget --ci --itop
+echo
+echo "Experiment 2, paired by seed (95% CI):"
+${PYTHON:-python} scripts/paired_rules.py runs/width_budget --pairs \
+  set-w1000:dense-lenet set-w4000:dense-lenet set-w16000:dense-lenet \
+  search-w1000:dense-lenet search-w4000:dense-lenet search-w16000:dense-lenet \
+  set-w4000:set-w1000 set-w16000:set-w4000 search-w4000:search-w1000 search-w16000:search-w4000 \
+  search-w1000:set-w1000 search-w4000:set-w4000 search-w16000:set-w16000
+$SG plot accuracy $(ls -d runs/width_budget/*) --out docs/figures/width_budget_accuracy.png >&2 || true
 echo "### Experiment 3, pilot"
 $SG report runs/thesis_cnn_pilot
 echo "### Experiment 3: the thesis's claim rows, conv8-conv16-fc32, 10 epochs"
