@@ -77,6 +77,24 @@ def test_seeded_threshold_holds_on_heavy_tailed_norms():
         assert info["passes"] == 1 and pool.size >= n, (seed, info)
 
 
+def test_pass_that_falls_short_restarts_from_the_second_estimate(monkeypatch):
+    """A first threshold aimed too high (5x fewer survivors than needed): the second pass starts
+    from the estimate aimed at _RETRY * n, not from the floor (which computes 0.26 of the pairs
+    here, against 0.11), and the result is still the exact top n."""
+    from sparsegrow.search import exact
+
+    monkeypatch.setattr(exact, "_MARGIN", 0.2)
+    n, N = 5000, 4096
+    g = torch.Generator().manual_seed(0)
+    Z, X = (torch.randn(4, N, generator=g) * torch.exp(1.5 * torch.randn(N, generator=g))
+            for _ in range(2))
+    idx, _, info = exact_top_pairs(Z, X, n, torch.empty(0, dtype=torch.long),
+                                   torch.Generator().manual_seed(1))
+    assert info["passes"] == 2 and info["pairs_computed"] < 0.15, info
+    S = (Z.t() @ X).abs()
+    assert torch.equal(idx, dense_top(S, torch.empty(0, dtype=torch.long), n, 1))
+
+
 def test_exact_search_matches_rigl_linear():
     torch.manual_seed(0)
     layer = nn.Linear(70, 50)
