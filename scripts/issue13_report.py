@@ -57,8 +57,11 @@ def connections(run: dict) -> int | None:
 def cost_row(row: str, run: dict) -> list[str]:
     ep, s = run["epochs"], run["summary"]
     seed = run["config"]["seed"]
-    if not ep:
-        return [row, str(seed), "0", "-", "-", "-", "-", "-", "-", "-", "-"]
+    if not ep:  # still in its first epoch: how far, from the topology updates
+        up = run["updates"]
+        return [row, str(seed), "0 (running)", str(up[-1]["step"]) if up else "-", str(len(up)),
+                "-", f"{statistics.mean(u['time_s'] for u in up):.1f}" if up else "-", "-",
+                f"{connections(run) / 1e6:.2f} M" if up else "-", "-", "-"]
     last = ep[-1]
     n_ep = len(ep)
     per_epoch = last["train_time_s"] / n_ep / 60
