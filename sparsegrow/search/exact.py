@@ -53,7 +53,7 @@ def score_floor(metric: str) -> float:
     return torch.finfo(torch.float32).tiny if metric == "abs_ip" else -math.inf
 
 
-def _seed_thresholds(Z, X, n, excluded, metric, floor) -> list[float]:
+def _seed_thresholds(Z, X, zn, xn, n, excluded, metric, floor) -> list[float]:
     """Thresholds to start the search from, highest first, the floor last: about `_MARGIN * n`
     and `_RETRY * n` inactive pairs exceed the first two, estimated from one sub-matrix of S on
     rows and columns spread over the norm order (`_norm_spread`). A pass that ends with fewer
@@ -68,7 +68,7 @@ def _seed_thresholds(Z, X, n, excluded, metric, floor) -> list[float]:
     # 1 GB more memory), at most 4096² and 1/16 of S.
     want = _SAMPLE if p <= 0 else min(max(_SAMPLE, math.ceil(math.sqrt(200 / p))), _SAMPLE_MAX)
     side = max(1, int(math.sqrt(min(want * want, N * M // 16))))
-    rows, cols = _norm_spread(Z, min(side, N), g), _norm_spread(X, min(side, M), g)
+    rows, cols = _norm_spread(zn, min(side, N), g), _norm_spread(xn, min(side, M), g)
     s = _scores(Z[:, rows].t() @ X[:, cols], metric, Z[:, rows], X[:, cols]).reshape(-1)
     out = []
     for margin in (_MARGIN, _RETRY):
@@ -82,32 +82,32 @@ def _seed_thresholds(Z, X, n, excluded, metric, floor) -> list[float]:
     return out + [floor]
 
 
-def _norm_spread(A: torch.Tensor, k: int, g: torch.Generator) -> torch.Tensor:
-    """k columns of A: (R, L) equally spaced in norm order from a random offset (a systematic
-    sample, so its norm profile is the layer's). The top pairs sit on the few heaviest rows and
-    columns: on a real-profile rank-4 signal at 65,536², ε=20, a plain random sample of them let
-    0.7-2.4x the aimed count through its threshold (six seeds), this one 1.4-1.8x; on
-    log-normal norms the first pass fell short 5 times in 20 with the plain sample, never with
-    this one (tests/test_search.py). It can still fall short (0.65x at the benchmark's seed):
-    `_seed_thresholds` gives a second, lower start."""
-    L = A.shape[1]
-    order = torch.argsort(A.norm(dim=0))
+def _norm_spread(norms: torch.Tensor, k: int, g: torch.Generator) -> torch.Tensor:
+    """k of the L columns whose norms: (L,) are given, equally spaced in norm order from a
+    random offset (a systematic sample, so its norm profile is the layer's). The top pairs sit
+    on the few heaviest rows and columns: on a real-profile rank-4 signal at 65,536², ε=20, a
+    plain random sample of them let 0.7-2.4x the aimed count through its threshold (six seeds),
+    this one 1.4-1.8x; on log-normal norms the first pass fell short 5 times in 20 with the
+    plain sample, never with this one (tests/test_search.py). It can still fall short (0.65x at
+    the benchmark's seed): `_seed_thresholds` gives a second, lower start."""
+    L = norms.numel()
+    order = torch.argsort(norms)
     step = L / k
     pos = (float(torch.rand((), generator=g)) * step + step * torch.arange(k, dtype=torch.float64))
     return order[pos.long().clamp_(max=L - 1).to(order.device)]
 
 
-def _bound_prunes(Z, X, tau: float, worth: float = 0.9) -> bool:
+def _bound_prunes(zn, xn, tau: float, worth: float = 0.9) -> bool:
     """Whether |<z_j, x_i>| <= ‖z_j‖‖x_i‖ < tau can rule out more than (1 - worth) of the pairs.
 
     Pruning visits rows and columns in norm order, which scrambles the order of the survivors
     (they must then be sorted); on data without heavy rows or columns it skips nothing, so it is
-    used only where the bound can skip most of the GEMM."""
+    used only where the bound can skip most of the GEMM. zn: (N,), xn: (M,) column norms."""
     if not tau > score_floor("abs_ip"):  # no seeded estimate: let the running threshold decide
         return True
-    zn, xn = Z.norm(dim=0), torch.sort(X.norm(dim=0)).values  # xn ascending
-    reach = X.shape[1] - torch.searchsorted(xn, tau / zn.clamp(min=1e-30))  # (N,) per row
-    return float(reach.sum()) < worth * Z.shape[1] * X.shape[1]
+    xs = torch.sort(xn).values  # ascending
+    reach = xn.numel() - torch.searchsorted(xs, tau / zn.clamp(min=1e-30))  # (N,) per row
+    return float(reach.sum()) < worth * zn.numel() * xn.numel()
 
 
 def _scores(block, metric, zb=None, xb=None, zn2=None, xn2=None):
@@ -155,10 +155,11 @@ def search_pool(Z: torch.Tensor, X: torch.Tensor, n: int, excluded: torch.Tensor
         raise ValueError(f"cannot grow {n} connections: only {numel - excluded.numel()} are inactive")
     Z, X = Z.float(), X.float()
     floor = score_floor(metric)
-    starts = _seed_thresholds(Z, X, n, excluded, metric, floor) if seed_threshold else [floor]
-    bound = prune and metric in ("ip", "abs_ip") and _bound_prunes(Z, X, starts[0])
+    zn, xn = Z.norm(dim=0), X.norm(dim=0)  # (N,), (M,): the seed's sample, the bound, its order
+    starts = (_seed_thresholds(Z, X, zn, xn, n, excluded, metric, floor) if seed_threshold
+              else [floor])
+    bound = prune and metric in ("ip", "abs_ip") and _bound_prunes(zn, xn, starts[0])
     if bound:  # visit rows and columns in decreasing norm
-        zn, xn = Z.norm(dim=0), X.norm(dim=0)
         zn, rperm = torch.sort(zn, descending=True)
         xn, cperm = torch.sort(xn, descending=True)
         Zt, Xp = Z[:, rperm].t().contiguous(), X[:, cperm].contiguous()  # (N, R), (R, M)
