@@ -64,7 +64,8 @@ def choose(N: int, M: int, R: int, n: int, quality_target: float, sampler: str,
             s = N * M * k / EXACT_MACS_PER_S + LOWRANK_CANDIDATES * n * LOWRANK_S_PER_CANDIDATE
             if s < exact_s:
                 return ("lowrank", k, f"rank {k} holds {e:.3f} >= {quality_target} of ‖S‖², "
-                                      f"est. {s:.3g} s < exact {exact_s:.3g} s")
+                                      f"est. <= {s:.3g} s < exact <= {exact_s:.3g} s (bounds: "
+                                      "the norm-bound pruning is not counted)")
             break
     table = {**EXPECTED_QUALITY, **(expected or {})}
     for c in sorted(table):
@@ -73,9 +74,9 @@ def choose(N: int, M: int, R: int, n: int, quality_target: float, sampler: str,
             if s < exact_s:
                 return (f"sample-{sampler}", c,
                         f"expected quality {table[c]:.2f} >= {quality_target} with {c} candidates, "
-                        f"est. {s:.3g} s < exact {exact_s:.3g} s")
+                        f"est. {s:.3g} s < exact <= {exact_s:.3g} s")
             return ("exact", None, f"sampling to quality {quality_target} ({c} candidates, est. "
-                                   f"{s:.3g} s) costs more than exact (est. {exact_s:.3g} s)")
+                                   f"{s:.3g} s) costs more than exact (est. <= {exact_s:.3g} s)")
     return ("exact", None, f"no candidates count up to {max(table)} is expected to reach quality "
                            f"{quality_target}")
 
