@@ -58,3 +58,15 @@ def test_models_of_other_sizes_are_other_rows():
         r["config"]["model"] = {"name": "lenet300100", "kwargs": {"hidden": [1000, 1000]}}
     labels = [r.split(" | ")[0].lstrip("| ") for r in grouped_table(runs + wide).splitlines()[2:]]
     assert labels == ["lenet300100", "lenet300100(hidden=1000x1000)"]
+
+
+@pytest.mark.parametrize("backend, label", [
+    ("exact", "search[exact,abs_ip]"), ("auto", "search[auto,abs_ip]"),
+    ("lowrank", "search[lowrank,abs_ip]"), ("sample-wedge", "search[sample-wedge,abs_ip]"),
+    ("lsh", "search[lsh,abs_ip,ks=0.15,bits=1]")])
+def test_search_labels_name_only_the_knobs_the_backend_uses(backend, label):
+    """k_similar shapes only the per-query index searches; a label showing it for exact, auto,
+    lowrank or a sampler would tell runs apart by a knob they never read."""
+    runs = [_run("search", 0, 0.8)]
+    runs[0]["config"]["search"]["backend"] = backend
+    assert grouped_table(runs).splitlines()[2].split(" | ")[1] == label

@@ -70,12 +70,15 @@ def _epochs(c: dict, s: dict) -> str:
 
 
 def _search_settings(c: dict) -> str:
-    """What tells search-grow runs apart: backend, metric, and k_similar (approximate backends),
-    bits (LSH) and the sketch size where they apply, e.g. "[lsh,abs_ip,ks=0.15,bits=2,sketch=256]"."""
+    """What tells search-grow runs apart: backend, metric, and k_similar (the per-query index
+    searches), bits (LSH) and the sketch size where they apply, e.g.
+    "[lsh,abs_ip,ks=0.15,bits=2,sketch=256]"."""
+    from sparsegrow.search import uses_k_similar
+
     se, signal = c["search"], c.get("signal", {})
     sketch = signal.get("sketch_dim", 0)
     parts = [se["backend"], se["metric"]]
-    if se["backend"] != "exact":
+    if uses_k_similar(se["backend"]):
         parts.append(f"ks={se['k_similar']:g}")
     if se["backend"] == "lsh":
         parts.append(f"bits={se['bits']:g}")

@@ -6,6 +6,6 @@ search through any of them. faiss and hnswlib are optional extras: `pip install 
 from . import auto, exact, faiss_index, hnsw, lowrank, lsh, sampled  # noqa: F401  (register)
 from .base import BACKENDS, METRICS, TopPool
 from .exact import ExactIndex, exact_top_pairs
-from .pairs import top_pairs
+from .pairs import top_pairs, uses_k_similar
 
-__all__ = ["BACKENDS", "METRICS", "ExactIndex", "TopPool", "exact_top_pairs", "top_pairs"]
+__all__ = ["BACKENDS", "METRICS", "ExactIndex", "TopPool", "exact_top_pairs", "top_pairs", "uses_k_similar"]

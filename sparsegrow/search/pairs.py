@@ -35,6 +35,12 @@ from .exact import _scores, exact_top_pairs
 _SAMPLE_COLS = 512
 
 
+def uses_k_similar(backend: str) -> bool:
+    """Whether `k_similar` shapes `backend`'s growth: only the per-query index searches below use
+    it; exact search, auto and the pair samplers (mode "pairs") choose pairs without it."""
+    return backend not in ("exact", "auto") and getattr(BACKENDS.get(backend), "mode", "knn") != "pairs"
+
+
 def _estimate_counts(Z, X, n, metric, generator_seed: int) -> torch.Tensor:
     """(N,) estimated number of entries of each row of S above the global n-th best score."""
     N, M = Z.shape[1], X.shape[1]
