@@ -16,6 +16,7 @@ set as RigL's dense-gradient grow), and each select records per-layer instrument
 """
 from __future__ import annotations
 
+import inspect
 import math
 import time
 
@@ -46,6 +47,30 @@ def pair_scores(Z: torch.Tensor, X: torch.Tensor, idx: torch.Tensor, chunk: int 
         part = idx[c0:c0 + chunk]
         out[c0:c0 + chunk] = (Z[:, part // M] * X[:, part % M]).sum(0).abs()
     return out
+
+
+def _pair_backends() -> list[str]:
+    return [b for b in BACKENDS.names() if getattr(BACKENDS.get(b), "mode", "knn") == "pairs"]
+
+
+def _check_backend_options(backend: str, options: dict) -> None:
+    """Refuse, at construction, options the backend does not take (each backend's knobs'
+    values are checked by building it once; exact's options go to `exact_top_pairs`)."""
+    if backend == "exact":
+        names = list(inspect.signature(exact_top_pairs).parameters)
+        allowed = names[names.index("metric") + 1:]
+        bad = sorted(set(options) - set(allowed))
+        if bad:
+            raise ValueError(f"search backend 'exact' does not take option(s) {bad}; "
+                             f"allowed: {', '.join(allowed)}")
+        return
+    try:
+        BACKENDS.get(backend)(**options)
+    except TypeError as e:  # an unexpected keyword: name it and what the backend takes
+        params = [n for n, q in inspect.signature(BACKENDS.get(backend)).parameters.items()
+                  if q.kind is q.KEYWORD_ONLY or q.kind is q.POSITIONAL_OR_KEYWORD]
+        raise ValueError(f"search backend {backend!r}: {e}"
+                         + (f"; allowed: {', '.join(params)}" if params else "")) from None
 
 
 class SearchGrow(GrowCriterion):
@@ -110,15 +135,20 @@ class SearchGrow(GrowCriterion):
             self.backend_options.setdefault("bits", bits)
         if backend != "exact":
             self.backend_options.setdefault("seed", seed)
+        draws_pairs = getattr(BACKENDS.get(backend), "mode", "knn") == "pairs"  # sample-*, lowrank
         if candidates is not None:
             check_candidates(candidates)
-            if getattr(BACKENDS.get(backend), "mode", "knn") == "pairs":  # sample-*, lowrank
-                self.backend_options.setdefault("candidates", candidates)
-        if getattr(BACKENDS.get(backend), "mode", "knn") == "pairs":
-            BACKENDS.get(backend)(**self.backend_options)  # its knobs' errors, at construction
+            if not draws_pairs:  # silently it would be ignored
+                raise ValueError(
+                    f"candidates applies to the backends that draw or pick pairs "
+                    f"({', '.join(_pair_backends())}), not {backend!r}"
+                    + (" (auto chooses each sampler's candidates count itself)"
+                       if backend == "auto" else ""))
+            self.backend_options.setdefault("candidates", candidates)
         check_quality_target(quality_target)
         if backend == "auto":
             self.backend_options.setdefault("quality_target", quality_target)
+        _check_backend_options(backend, self.backend_options)  # unknown knobs: now, not mid-run
         self.candidates, self.quality_target = candidates, quality_target
         self._seen: dict[str, dict] = {}  # auto: per layer, {candidates: measured quality}
         self.seed = seed

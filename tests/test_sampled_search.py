@@ -131,6 +131,27 @@ def test_bad_knobs_are_clear_errors():
         top_pairs(Z, X, 10, ex, torch.Generator(), "auto", backend_options={"sampler": "x"})
 
 
+@pytest.mark.parametrize("backend, options, match", [
+    ("auto", {"rank": 8}, "'auto'.*rank.*allowed: quality_target, sampler, expected, seed"),
+    ("lowrank", {"nprobe": 8}, "'lowrank'.*nprobe.*allowed: rank, candidates, seed"),
+    ("sample-wedge", {"rank": 8}, "'sample-wedge'.*rank"),
+    ("lsh", {"rank": 8}, "'lsh'.*rank"),
+    ("exact", {"rank": 8}, r"'exact' does not take option\(s\) \['rank'\]; allowed: block_bytes"),
+])
+def test_unknown_backend_options_are_refused_at_construction(backend, options, match):
+    """A knob the backend does not take is an error when the criterion is built, not a
+    TypeError at the first topology update (or, worse, silently ignored)."""
+    with pytest.raises(ValueError, match=match):
+        SearchGrow(backend=backend, backend_options=options)
+
+
+@pytest.mark.parametrize("backend", ["auto", "exact", "lsh"])
+def test_candidates_for_a_backend_that_does_not_draw_pairs_is_refused(backend):
+    with pytest.raises(ValueError, match=f"candidates applies to .*sample-wedge.*not '{backend}'"):
+        SearchGrow(backend=backend, candidates=8)
+    SearchGrow(backend="lowrank", candidates=8)  # draws pairs: taken
+
+
 def test_auto_chooses_by_cost_and_records_why():
     assert choose(300, 784, 128, 7000, 0.8, "wedge")[0] == "exact"  # tiny: exact is cheap
     # with the measured table no candidates count reaches 0.8 at 65536²: exact, saying why

@@ -116,7 +116,7 @@ class AutoIndex:
     mode = "auto"
 
     def __init__(self, quality_target: float = 0.8, sampler: str = "wedge",
-                 expected: dict | None = None, seed: int = 0, **_):
+                 expected: dict | None = None, seed: int = 0):
         check_quality_target(quality_target)
         check_sampler(sampler)
         self.inner = BACKENDS.get("exact")()
