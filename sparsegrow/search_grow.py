@@ -183,10 +183,10 @@ class SearchGrow(GrowCriterion):
                       "backend": self.backend})
         stats.update({f"search_{k}": v for k, v in info.items()})
         t1 = time.perf_counter()
-        stats.update(self._measure(Z, X, idx, n, excluded))
+        stats.update(self._measure(Z, X, idx, n, excluded, info.get("auto_choice")))
         sync()
         c = info.get("auto_candidates")
-        if c is not None and "quality" in stats:  # auto ran a sampler: remember how it did
+        if c is not None and stats.get("quality") is not None:  # auto ran a sampler: remember
             self._seen.setdefault(p.fqn, {})[float(c)] = stats["quality"]
         stats["measure_time_s"] = time.perf_counter() - t1
         return idx.to(ctx.excluded.device)
@@ -225,9 +225,10 @@ class SearchGrow(GrowCriterion):
                                f"{ctx.param.fqn}; the Sparsifier captures them (build it with "
                                "method='search')")
 
-    def _measure(self, Z, X, idx, n, excluded) -> dict:
+    def _measure(self, Z, X, idx, n, excluded, auto_choice: str | None = None) -> dict:
         """Recall and quality of the chosen set (see `measure_grow`); on `_MEASURE_ROWS` random
-        rows of G where exact search over all of G is dear."""
+        rows of G where exact search over all of G is dear. Exact search's own choice (the
+        backend, or auto's pick) is quality 1 by construction: only random's is measured."""
         if self.measure == "off":
             return {}
         N, M = Z.shape[1], X.shape[1]
@@ -235,7 +236,7 @@ class SearchGrow(GrowCriterion):
             self.measure == "auto" and N * M > self.measure_max_numel))
         return measure_grow(Z, X, idx, n, excluded, _MEASURE_ROWS if sampled else None,
                             self.seed + 12345,
-                            self.backend == "exact" and self.metric == "abs_ip")
+                            "exact" in (self.backend, auto_choice) and self.metric == "abs_ip")
 
 
 def measure_grow(Z: torch.Tensor, X: torch.Tensor, idx: torch.Tensor, n: int,
@@ -249,7 +250,8 @@ def measure_grow(Z: torch.Tensor, X: torch.Tensor, idx: torch.Tensor, n: int,
     those rows' inactive pairs (count-matched, so quality <= 1: measured against the expected
     round(n · rows / N) instead, a subset holding more or fewer of the heavy rows than average
     moved the estimate above 1). It judges the choice within rows, not how many pairs each row
-    got beyond the subset. is_exact: idx is exact search's (recall 1 by construction; only
+    got beyond the subset; where the subset holds none of idx, recall and quality are None (no
+    estimate), never 0. is_exact: idx is exact search's (recall 1 by construction; only
     random's quality is computed). Uses a private generator seeded `seed`."""
     N, M = Z.shape[1], X.shape[1]
     sampled = rows is not None and N > rows
@@ -265,6 +267,11 @@ def measure_grow(Z: torch.Tensor, X: torch.Tensor, idx: torch.Tensor, n: int,
             return torch.sort(r[keep] * M + flat[keep] % M).values
 
         Z, excluded, idx = Z[:, pick], restrict(excluded), restrict(idx)
+        if idx.numel() == 0 and not is_exact:
+            # none of the grown pairs lies in the subset (growth on a few heavy rows): it says
+            # nothing about the choice; reporting 0 would call exact search's own choice bad
+            return {"recall": None, "quality": None, "quality_random": None,
+                    "recall_sampled": True}
         n = idx.numel() or max(1, round(n * pick.numel() / N))
         n = min(n, pick.numel() * M - excluded.numel())
     # Random growth on the same signal and rows, beside it (its quality is the floor).

@@ -244,6 +244,25 @@ def test_row_subset_estimate_gives_exact_search_quality_one():
     assert part["quality"] == pytest.approx(full["quality"], abs=0.05)
 
 
+def test_row_subset_holding_no_grown_pair_gives_no_estimate_not_zero():
+    # growth on one heavy row: a subset without that row says nothing about the choice (it
+    # said quality 0 for exact search's own pairs on a 2^20-wide layer)
+    from sparsegrow.search_grow import measure_grow
+    Z, X = signal("gaussian", N=2000, M=300)
+    Z[:, 1:] *= 1e-3  # row 0 holds every top pair
+    ex = torch.empty(0, dtype=torch.long)
+    idx, _, _ = exact_top_pairs(Z, X, 200, ex, torch.Generator().manual_seed(0))
+    assert (idx // 300 == 0).all()
+    seeds = [s for s in range(20) if 0 not in torch.randperm(2000, generator=torch.Generator()
+                                                              .manual_seed(s))[:100]]
+    est = measure_grow(Z, X, idx, 200, ex, rows=100, seed=seeds[0])
+    assert est["quality"] is None and est["recall"] is None and est["recall_sampled"]
+    # exact search's own choice (exact, or auto's pick) is 1 by construction, subset or not
+    assert measure_grow(Z, X, idx, 200, ex, rows=100, seed=seeds[0], is_exact=True)["quality"] == 1
+    g = SearchGrow(backend="auto", measure="sampled")
+    assert g._measure(Z, X, idx, 200, ex, auto_choice="exact")["quality"] == 1.0
+
+
 @pytest.mark.parametrize("overrides, backend", [
     ([], "exact"),
     (["sparsity.method=search"], "exact"),  # masked storage: exact stays the default
