@@ -185,8 +185,13 @@ def test_auto_picks_the_smallest_rank_whose_energy_reaches_the_target():
     assert (backend, k) == ("lowrank", 4) and "0.810 >= 0.8" in reason
     assert choose(65536, 65536, 128, 1_290_000, 0.9, "wedge", energy=energy)[:2] == ("lowrank", 8)
     flat = torch.linspace(1 / 128, 1, 128, dtype=torch.float64)  # no rank <= 32 reaches 0.8
-    assert choose(65536, 65536, 128, 1_290_000, 0.8, "wedge", energy=flat)[0] == "exact"
-    assert choose(300, 784, 128, 7000, 0.8, "wedge", energy=energy)[0] == "exact"  # tiny layer
+    backend, _, reason = choose(65536, 65536, 128, 1_290_000, 0.8, "wedge", energy=flat)
+    # a fallback to exact says why lowrank was passed over, then why no sampler
+    assert backend == "exact" and reason.startswith("lowrank: rank 4 holds 0.031, rank 8 holds")
+    assert "rank 32 holds 0.250 < 0.8 of ‖S‖²; no candidates count" in reason
+    backend, _, reason = choose(300, 784, 128, 7000, 0.8, "wedge", energy=energy)  # tiny layer
+    assert backend == "exact" and reason.startswith("lowrank: rank 4 holds 0.810 but est.")
+    assert choose(300, 784, 128, 7000, 0.8, "wedge")[2].startswith("lowrank: not for this metric")
 
 
 def test_auto_runs_lowrank_on_a_large_low_rank_signal_and_says_why():

@@ -56,16 +56,25 @@ def choose(N: int, M: int, R: int, n: int, quality_target: float, sampler: str,
     The knob is lowrank's rank or a sampler's candidates count. energy: S's `Spectrum.energy`
     (None: lowrank is not an option, e.g. for metric l2)."""
     exact_s = N * M * R / EXACT_MACS_PER_S
+    # why lowrank was passed over, for the reason of a fallback to exact
+    no_lowrank = "lowrank: not for this metric"
     if energy is not None:
-        for k in LOWRANK_RANKS:
-            e = float(energy[min(k, energy.numel()) - 1])
-            if k >= R or e < quality_target:
+        ranks = [k for k in LOWRANK_RANKS if k < R]
+        held = {k: float(energy[min(k, energy.numel()) - 1]) for k in ranks}
+        no_lowrank = ("lowrank: " + (", ".join(f"rank {k} holds {e:.3f}" for k, e in held.items())
+                                     + f" < {quality_target} of ‖S‖²" if ranks
+                                     else f"no rank in {LOWRANK_RANKS} below the {R} signal rows"))
+        for k in ranks:
+            e = held[k]
+            if e < quality_target:
                 continue
             s = N * M * k / EXACT_MACS_PER_S + LOWRANK_CANDIDATES * n * LOWRANK_S_PER_CANDIDATE
             if s < exact_s:
                 return ("lowrank", k, f"rank {k} holds {e:.3f} >= {quality_target} of ‖S‖², "
                                       f"est. <= {s:.3g} s < exact <= {exact_s:.3g} s (bounds: "
                                       "the norm-bound pruning is not counted)")
+            no_lowrank = (f"lowrank: rank {k} holds {e:.3f} but est. {s:.3g} s >= exact "
+                          f"<= {exact_s:.3g} s")
             break
     table = {**EXPECTED_QUALITY, **(expected or {})}
     for c in sorted(table):
@@ -75,10 +84,11 @@ def choose(N: int, M: int, R: int, n: int, quality_target: float, sampler: str,
                 return (f"sample-{sampler}", c,
                         f"expected quality {table[c]:.2f} >= {quality_target} with {c} candidates, "
                         f"est. {s:.3g} s < exact <= {exact_s:.3g} s")
-            return ("exact", None, f"sampling to quality {quality_target} ({c} candidates, est. "
-                                   f"{s:.3g} s) costs more than exact (est. <= {exact_s:.3g} s)")
-    return ("exact", None, f"no candidates count up to {max(table)} is expected to reach quality "
-                           f"{quality_target}")
+            return ("exact", None, f"{no_lowrank}; sampling to quality {quality_target} ({c} "
+                                   f"candidates, est. {s:.3g} s) costs more than exact (est. <= "
+                                   f"{exact_s:.3g} s)")
+    return ("exact", None, f"{no_lowrank}; no candidates count up to {max(table)} is expected to "
+                           f"reach quality {quality_target}")
 
 
 def check_sampler(sampler) -> None:
