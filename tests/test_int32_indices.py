@@ -128,12 +128,13 @@ def test_c_kernel_and_torch_fallback_agree_on_int32(dtype):
 # training: the Sparsifier drives int32 and int64 layers to the same masks and weights
 
 
-def _train(method: str, index_dtype, monkeypatch) -> tuple[dict, dict]:
+def _train(method: str, index_dtype, monkeypatch, search_backend: str = "exact"
+           ) -> tuple[dict, dict]:
     monkeypatch.setattr(sl, "_FORCE_INDEX_DTYPE", index_dtype)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(2, 6, 3, padding=1), nn.ReLU(), nn.Flatten(),
                           nn.Linear(6 * 5 * 5, 40), nn.ReLU(), nn.Linear(40, 3)).double()
-    kwargs = {"grow_kwargs": {"backend": "exact"}} if method == "search" else {}
+    kwargs = {"grow_kwargs": {"backend": search_backend}} if method == "search" else {}
     sp = sparsegrow.Sparsifier(model, density=0.3, method=method, storage="sparse", seed=0,
                                schedule=sparsegrow.UpdateSchedule(every=2, end=40,
                                                                   fraction=0.3), **kwargs)
@@ -158,10 +159,15 @@ def _train(method: str, index_dtype, monkeypatch) -> tuple[dict, dict]:
     return {k: v.clone() for k, v in sp.masks().items()}, state
 
 
-@pytest.mark.parametrize("method", ["set"] + (["search"] if HAS_SEARCH else []))
+SEARCH_BACKENDS = ["exact", "auto", "lowrank", "sample-norm", "sample-wedge", "sample-diamond"]
+
+
+@pytest.mark.parametrize("method", ["set"] + ([f"search:{b}" for b in SEARCH_BACKENDS]
+                                              if HAS_SEARCH else []))
 def test_training_run_is_identical_with_int32_and_int64(method, monkeypatch):
-    m32, s32 = _train(method, None, monkeypatch)
-    m64, s64 = _train(method, torch.int64, monkeypatch)
+    method, _, backend = method.partition(":")  # search grown by each backend (issue 13)
+    m32, s32 = _train(method, None, monkeypatch, backend or "exact")
+    m64, s64 = _train(method, torch.int64, monkeypatch, backend or "exact")
     assert m32.keys() == m64.keys()
     for k in m32:
         assert m32[k].dtype == torch.int64 and torch.equal(m32[k], m64[k]), k
