@@ -49,8 +49,9 @@ def pair_scores(Z: torch.Tensor, X: torch.Tensor, idx: torch.Tensor, chunk: int 
     return out
 
 
-def _pair_backends() -> list[str]:
-    return [b for b in BACKENDS.names() if getattr(BACKENDS.get(b), "mode", "knn") == "pairs"]
+def _draws_pairs(backend: str) -> bool:
+    """The backend draws or picks pairs itself (sample-*, lowrank) rather than answering queries."""
+    return getattr(BACKENDS.get(backend), "mode", "knn") == "pairs"
 
 
 def _check_backend_options(backend: str, options: dict) -> None:
@@ -135,13 +136,12 @@ class SearchGrow(GrowCriterion):
             self.backend_options.setdefault("bits", bits)
         if backend != "exact":
             self.backend_options.setdefault("seed", seed)
-        draws_pairs = getattr(BACKENDS.get(backend), "mode", "knn") == "pairs"  # sample-*, lowrank
         if candidates is not None:
             check_candidates(candidates)
-            if not draws_pairs:  # silently it would be ignored
+            if not _draws_pairs(backend):  # silently it would be ignored
                 raise ValueError(
                     f"candidates applies to the backends that draw or pick pairs "
-                    f"({', '.join(_pair_backends())}), not {backend!r}"
+                    f"({', '.join(filter(_draws_pairs, BACKENDS.names()))}), not {backend!r}"
                     + (" (auto chooses each sampler's candidates count itself)"
                        if backend == "auto" else ""))
             self.backend_options.setdefault("candidates", candidates)
