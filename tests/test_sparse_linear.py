@@ -613,3 +613,22 @@ def test_evaluation_batch_keeps_wide_activations_bounded():
     assert eval_batch_size(nn.Sequential(wide), 64) == 128
     assert eval_batch_size(nn.Sequential(wide), 256) == 256
     assert eval_batch_size(nn.Sequential(nn.Linear(784, 300), nn.Linear(300, 10)), 128) == 1000
+
+
+def test_evaluation_builds_no_autograd_graph():
+    # evaluating under autograd saved every layer's input for a backward that never comes (at 10⁶
+    # units, 512 MiB per activation of each batch); the test-set pass runs without a graph
+    from types import SimpleNamespace
+
+    from sparsegrow.experiments.loop import evaluate
+    seen = []
+    layer = sl.SparseLinear(6, 3, torch.tensor([0, 4, 7, 11, 17]))
+    layer.register_forward_hook(lambda m, i, o: seen.append(o.requires_grad))
+    xs, ys = torch.randn(10, 6), torch.randint(0, 3, (10,))
+    data = SimpleNamespace(test_batches=lambda b: [(xs[k:k + b], ys[k:k + b]) for k in range(0, 10, b)])
+    loss, acc = evaluate(nn.Sequential(layer), data, 4, torch.device("cpu"))
+    assert seen and not any(seen)
+    with torch.no_grad():
+        out = layer(xs)
+    assert loss == pytest.approx(torch.nn.functional.cross_entropy(out, ys).item(), rel=1e-6)
+    assert acc == (out.argmax(1) == ys).float().mean().item()

@@ -102,6 +102,7 @@ def eval_batch_size(model: torch.nn.Module, batch_size: int) -> int:
     return max(batch_size, min(1000, fit))
 
 
+@torch.no_grad()  # no autograd graph: each activation is freed once the next layer has read it
 def evaluate(model, data, batch_size: int, device, dtype=torch.float32) -> tuple[float, float]:
     model.eval()
     loss_sum, correct, n = 0.0, 0, 0
