@@ -92,3 +92,24 @@ def test_bad_input_shape_raises():
         build_model("cnn", (1, 2, 2), 10)
     with pytest.raises(ValueError, match="input_shape"):
         build_model("mlp", (28, 28), 10)
+
+
+def test_mlp_hands_dense_layers_a_row_major_input_and_sparse_layers_the_view():
+    # a truly sparse layer returns (B, N) as the transpose of a contiguous (N, B); a dense layer
+    # reading that view ran MKL's GEMM 6x slower at 10⁶ wide (benchmarks/bench_readout_layout.py)
+    from sparsegrow.layers.sparse_linear import SparseLinear
+    torch.manual_seed(0)
+    model = build_model("mlp", (1, 4, 4), 3, hidden=[8, 6, 5])
+    model.hidden[0] = SparseLinear(16, 8, torch.arange(0, 128, 3))
+    model.hidden[1] = SparseLinear(8, 6, torch.arange(0, 48, 2))  # reads hidden.0's view
+    seen = {}
+    for name, m in (("sparse", model.hidden[1]), ("dense", model.hidden[2])):
+        m.register_forward_pre_hook(lambda mod, inp, name=name: seen.__setitem__(name, inp[0]))
+    x = torch.randn(7, 1, 4, 4)
+    out = model(x)
+    assert not seen["sparse"].is_contiguous()  # the view, passed on without a copy
+    assert seen["dense"].is_contiguous()  # a row-major copy of hidden.1's view
+    h = x.flatten(1)
+    for layer in model.hidden:
+        h = torch.relu(layer(h))
+    torch.testing.assert_close(out, model.classifier(h))  # same numbers as the plain composition
