@@ -115,9 +115,10 @@ class MLP(nn.Module):
 def _gemm_input(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """x as `layer` reads it fastest. A truly sparse layer returns its (B, N) output as the
     transpose of a contiguous (N, B), which the next sparse layer reads for free; a dense
-    nn.Linear reads that layout through MKL's GEMM up to 20x slower when it is wide (10⁶ -> 10 at
-    B = 128: 7.1 s against 0.35 s, benchmarks/results/bench_readout_layout.md), so it gets a
-    row-major copy (one pass over x). Other modules, and row-major x, are left as they are."""
+    nn.Linear reads that layout through a slow path of MKL's GEMM when it is wide (10⁶ -> 10 at
+    B = 128: 7.3 s forward against 1.1 s with the copy included, loaded machine;
+    benchmarks/results/bench_readout_layout.md), so it gets a row-major copy (one pass over x).
+    Other modules, and row-major x, are left as they are."""
     return x.contiguous() if isinstance(layer, nn.Linear) else x
 
 
