@@ -329,6 +329,11 @@ class SparseLinear(CSRModule):
         and after every topology update; 0 allows empty rows).
     index_dtype: None (default) chooses int32 indices where they fit (see `index_dtype`); pass
         torch.int64 (or torch.int32) to force one, e.g. to compare the two.
+
+    The output (B, out_features) is the transpose of a contiguous (out_features, B) array, which
+    the next SparseLinear reads without a copy. A dense nn.Linear reading it at a wide
+    out_features should be given `y.contiguous()`: MKL's GEMM on the transposed operand was 6x
+    slower at 10⁶ -> 10 (benchmarks/results/bench_readout_layout.md; the experiments' MLP does it).
     """
 
     def __init__(self, in_features: int, out_features: int, active: torch.Tensor,
