@@ -209,6 +209,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
+    # torch's CPU allocator asks for transparent huge pages on allocations of >= 2 MiB when
+    # THP_MEM_ALLOC_ENABLE=1 is set before the process's first allocation (read once). The truly
+    # sparse kernels gather one random row of a (width, B) activation array per connection: on
+    # 4 KiB pages nearly every gather misses the TLB. The 784-10⁶-10⁶-10 model's step: 1.5× faster
+    # with them (benchmarks/results/bench_huge_pages.md). A user's THP_MEM_ALLOC_ENABLE=0 is kept.
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     args = parse_args(argv)
     from .config import ConfigError
     from .data import DatasetMissingError
