@@ -113,22 +113,3 @@ def test_mlp_hands_dense_layers_a_row_major_input_and_sparse_layers_the_view():
     for layer in model.hidden:
         h = torch.relu(layer(h))
     torch.testing.assert_close(out, model.classifier(h))  # same numbers as the plain composition
-
-
-def test_mlp_relu_backward_sees_one_layout(monkeypatch):
-    # The row-major copy for a dense reader is made before the ReLU, so the gradient that the
-    # dense layer sends back and the ReLU's saved output share a layout (a mixed-layout
-    # threshold_backward was 5x slower at 10⁶ x 128).
-    import torch.nn.functional as F
-
-    from sparsegrow.layers.sparse_linear import SparseLinear
-    torch.manual_seed(0)
-    model = build_model("mlp", (1, 4, 4), 3, hidden=[8, 6])
-    model.hidden[0] = SparseLinear(16, 8, torch.arange(0, 128, 3))
-    model.hidden[1] = SparseLinear(8, 6, torch.arange(0, 48, 2))  # read by the dense classifier
-    relu_inputs, relu = [], F.relu
-    monkeypatch.setattr(F, "relu", lambda t, *a, **k: relu_inputs.append(t) or relu(t, *a, **k))
-    model(torch.randn(7, 1, 4, 4)).sum().backward()
-    first, last = relu_inputs
-    assert first.t().is_contiguous() and not first.is_contiguous()  # feeds a sparse layer: the view
-    assert last.is_contiguous()  # feeds the dense classifier: row-major before the ReLU

@@ -71,14 +71,10 @@ def index_dtype(n_rows: int, n_cols: int, nnz: int) -> torch.dtype:
 
 class _SparseLinearFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, values, crow, col, ccol, row_t, perm, bias=None):
+    def forward(ctx, x, values, crow, col, ccol, row_t, perm):
         # x (B, M) -> (B, N); the weight is CSR (crow, col, values), N = len(crow) - 1.
         xt = x.t().contiguous()  # (M, B); free when x is itself a transposed view
         yt = kernels.spmm(crow, col, values, xt, crow.numel() - 1)  # (N, B)
-        if bias is not None:
-            # in place on the fresh (N, B) output: `y + bias` outside would allocate and fault
-            # in another (B, N) array per step (at 10⁶ x 128: 512 MB)
-            yt.add_(bias[:, None])
         ctx.save_for_backward(xt, values, crow, col, ccol, row_t, perm)
         return yt.t()
 
@@ -91,10 +87,7 @@ class _SparseLinearFn(torch.autograd.Function):
         else:
             dxt, dv = csr_grads(dyt, lambda: xt, ctx.needs_input_grad[:2], values, crow, col,
                                 ccol, row_t, perm)
-        grads = [(dxt.t() if dxt is not None else None), dv, None, None, None, None, None]
-        if len(ctx.needs_input_grad) > 7:  # called with a bias (None or a tensor)
-            grads.append(dyt.sum(1) if ctx.needs_input_grad[7] else None)  # (N,)
-        return tuple(grads)
+        return (dxt.t() if dxt is not None else None), dv, None, None, None, None, None
 
 
 def _to(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -207,15 +200,12 @@ class CSRModule(nn.Module):
                                  persistent=False)
         self._set_topology(active)
 
-    def _matmul(self, x: torch.Tensor, compute: torch.dtype,
-                bias: torch.Tensor | None = None) -> torch.Tensor:
-        """x (R, n_cols) -> x W^T (+ bias (n_rows,)) (R, n_rows) in `compute`, the transpose of
-        a contiguous (n_rows, R); x may itself be the transpose of a contiguous (n_cols, R)
-        (then free)."""
+    def _matmul(self, x: torch.Tensor, compute: torch.dtype) -> torch.Tensor:
+        """x (R, n_cols) -> x W^T (R, n_rows) in `compute`, the transpose of a contiguous
+        (n_rows, R); x may itself be the transpose of a contiguous (n_cols, R) (then free)."""
         with no_autocast(x.device):
             return _SparseLinearFn.apply(_to(x, compute), _to(self.values, compute), self.crow,
-                                         self.col, self.ccol, self.row_t, self.perm,
-                                         None if bias is None else _to(bias, compute))
+                                         self.col, self.ccol, self.row_t, self.perm)
 
     # -- topology ----------------------------------------------------------------------------
 
@@ -394,7 +384,9 @@ class SparseLinear(CSRModule):
         compute, out_dtype = compute_dtypes(x, self.values, "SparseLinear")
         # The casts are autograd ops, so dX and dW come back in x's and the weights' dtypes.
         lead = x.shape[:-1]
-        y = self._matmul(x.reshape(-1, self.in_features), compute, self.bias)
+        y = self._matmul(x.reshape(-1, self.in_features), compute)
+        if self.bias is not None:
+            y = y + _to(self.bias, compute)
         if out_dtype != compute:
             y = y.to(out_dtype)  # (B, N), still the transpose of a contiguous (N, B)
         return y.reshape(*lead, self.out_features)
