@@ -274,8 +274,8 @@ print(os.environ.get("THP_MEM_ALLOC_ENABLE"), int(huge[0].split()[1]))
                     reason="huge pages only on request: the kernel's THP mode must be madvise")
 @pytest.mark.parametrize("user_setting", [None, "0"])
 def test_cli_asks_for_huge_pages_unless_the_user_said_no(user_setting):
-    # The CLI sets THP_MEM_ALLOC_ENABLE=1 before torch's first allocation (a 10⁶² layer's step
-    # is ~1.6× faster on huge pages); a user's explicit 0 is kept.
+    # The CLI sets THP_MEM_ALLOC_ENABLE=1 before torch's first allocation (the 10⁶ model's step
+    # is 1.5× faster on huge pages); a user's explicit 0 is kept.
     import subprocess
     import sys
 

@@ -652,7 +652,7 @@ def test_csc_perm_is_the_stable_column_sort(backend, shape, nnz):
 
 
 def test_csc_perm_refuses_a_column_pointer_that_does_not_count_col():
-    if kernels._c_lib() is None:
+    if kernels._c_lib() is None or kernels.get_backend() in ("torch", "reference"):
         pytest.skip("the check guards the C scatter")
     col = torch.tensor([0, 2, 1, 2])
     good = torch.tensor([0, 1, 2, 4])

@@ -509,9 +509,9 @@ def csc_perm(col: torch.Tensor, ccol: torch.Tensor) -> torch.Tensor:
     """The positions (nnz,) int64 of a row-major (CSR) pattern's nnz in column-major order, rows
     ascending within each column: torch.sort(col, stable=True).indices. col (nnz,) int64: the
     column of each nnz in row-major order; ccol (m + 1,) int64: the CSC column pointer of the
-    same pattern (ccol[c + 1] - ccol[c] = #{k : col[k] = c}, checked). On CPU with the C
-    kernels a counting sort, O(nnz + m) (40 M nnz at m = 10⁶: benchmarks/bench_csc_perm.py);
-    elsewhere the stable sort."""
+    same pattern (ccol[c + 1] - ccol[c] = #{k : col[k] = c}, checked before the scatter). On
+    CPU with the C kernels a counting sort, O(nnz + m) (40 M nnz at m = 10⁶:
+    benchmarks/bench_csc_perm.py); elsewhere the stable sort."""
     if col.dim() != 1 or col.dtype != torch.long or ccol.dim() != 1 or ccol.dtype != torch.long:
         raise ValueError(f"csc_perm: col and ccol must be 1-D int64, got {col.dtype} "
                          f"{tuple(col.shape)} and {ccol.dtype} {tuple(ccol.shape)}")
