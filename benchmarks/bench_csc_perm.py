@@ -6,7 +6,7 @@
 Every topology update rebuilds a SparseLinear's index buffers from its sorted active set
 (CSRModule._set_topology): the CSR pointers, and the CSC view (ccol, row_t, perm) that the
 backward kernel walks. perm, the nnz's column-major order with rows ascending, was a stable
-torch.sort of the column indices (O(nnz log nnz)); kernels.csc_perm now scatters them by a
+torch.sort of the column indices (O(nnz log nnz)); kernels.csc_order now scatters them by a
 counting sort over the columns (O(nnz + m)) on CPU. For each layer (out x in : nnz, uniform
 connections) this times the perm alone and the whole rebuild with each, interleaved, median of
 --repeats, and checks that both give the same buffers.
@@ -25,10 +25,13 @@ import torch  # noqa: E402
 
 from sparsegrow.layers import kernels  # noqa: E402
 from sparsegrow.layers.sparse_linear import SparseLinear  # noqa: E402
+from sparsegrow.topology import sample_inactive  # noqa: E402
 
 
-def stable_sort_perm(col: torch.Tensor, ccol: torch.Tensor) -> torch.Tensor:
-    return torch.sort(col, stable=True).indices  # the rebuild's perm before session 11
+def stable_sort_order(col: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rebuild's CSC view before session 11: the column pointer and a stable sort."""
+    ccol = torch.cat([col.new_zeros(1), torch.bincount(col, minlength=m).cumsum(0)])
+    return ccol, torch.sort(col, stable=True).indices
 
 
 def main() -> None:
@@ -39,7 +42,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    counting = kernels.csc_perm
+    counting = kernels.csc_order
     print(f"{args.threads} thread(s), median of {args.repeats} (interleaved), C kernels: "
           f"{kernels._c_lib() is not None}\n")
     print("| layer (out x in, nnz) | perm: stable sort s | perm: counting sort s | rebuild with stable sort s "
@@ -48,38 +51,36 @@ def main() -> None:
         shape, nnz = spec.split(":")
         n, m = (int(v) for v in shape.split("x"))
         nnz = int(nnz)
-        gen = torch.Generator().manual_seed(0)
-        flat = torch.unique(torch.randint(0, n * m, (int(nnz * 1.001) + 16,), generator=gen))
-        flat = flat[torch.randperm(flat.numel(), generator=gen)[:nnz]].sort().values
+        flat = sample_inactive(n * m, torch.empty(0, dtype=torch.long), nnz,
+                               torch.Generator().manual_seed(0))
         layer = SparseLinear(m, n, flat, bias=False)
         col = flat % m
-        ccol = torch.cat([col.new_zeros(1), torch.bincount(col, minlength=m).cumsum(0)])
         times = {"stable": ([], []), "counting": ([], [])}
         buffers = {}
         try:
             for rep in range(args.repeats + 1):  # round 0 warms up (C build, page faults)
-                for name, fn in (("stable", stable_sort_perm), ("counting", counting)):
+                for name, fn in (("stable", stable_sort_order), ("counting", counting)):
                     t0 = time.perf_counter()
-                    perm = fn(col, ccol)
+                    view = fn(col, m)
                     t1 = time.perf_counter()
-                    del perm
-                    kernels.csc_perm = fn  # what _set_topology calls
+                    del view
+                    kernels.csc_order = fn  # what _set_topology calls
                     t2 = time.perf_counter()
                     layer._set_topology(flat)
                     t3 = time.perf_counter()
-                    kernels.csc_perm = counting
+                    kernels.csc_order = counting
                     buffers[name] = [getattr(layer, b).clone() for b in ("ccol", "row_t", "perm")]
                     if rep:
                         times[name][0].append(t1 - t0)
                         times[name][1].append(t3 - t2)
         finally:
-            kernels.csc_perm = counting
+            kernels.csc_order = counting
         same = all(torch.equal(a, b) for a, b in zip(buffers["stable"], buffers["counting"]))
         assert same, "the counting sort's CSC view differs from the stable sort's"
         (sp, sr), (cp, cr) = ((statistics.median(a), statistics.median(b)) for a, b in times.values())
         print(f"| {n}x{m}, {nnz} | {sp:.3f} | {cp:.3f} | {sr:.3f} | {cr:.3f} | {sr / cr:.2f}x |",
               flush=True)
-        del layer, flat, col, ccol, buffers
+        del layer, flat, col, buffers
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -45,23 +46,18 @@ def _note_huge() -> None:
 
 def _proc_memory() -> dict:
     """Peak RSS and the most bytes in anonymous huge pages seen mid-step, GiB."""
-    out = {"huge_gib": _HUGE_MAX[0]}
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                out["peak_rss_gib"] = int(line.split()[1]) / 2**20
-    return out
+    return {"huge_gib": _HUGE_MAX[0],
+            "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}  # KiB
 
 
 def _child_layer(args) -> list[float]:
     import torch
 
     from sparsegrow.layers.sparse_linear import SparseLinear
+    from sparsegrow.topology import sample_inactive
 
     n, gen = args.width, torch.Generator().manual_seed(0)
-    # nnz distinct flat indices j * n + i, uniform (draw 0.1% extra, keep the first nnz distinct)
-    flat = torch.unique(torch.randint(0, n * n, (int(args.nnz * 1.001) + 16,), generator=gen))
-    flat = flat[torch.randperm(flat.numel(), generator=gen)[:args.nnz]].sort().values
+    flat = sample_inactive(n * n, torch.empty(0, dtype=torch.long), args.nnz, gen)  # uniform
     layer = SparseLinear(n, n, flat, bias=False)
     del flat
     x = torch.randn(args.batch, n, generator=gen).requires_grad_()
@@ -140,11 +136,10 @@ def main() -> None:
         mode = "unknown (no /sys/kernel/mm/transparent_hugepage)"
     print(f"kernel THP mode: {mode}", flush=True)
     results: dict[str, list[dict]] = {"0": [], "1": []}
-    child_argv = [a for a in sys.argv[1:]]
     for rnd in range(args.rounds):
         for setting in (("0", "1") if rnd % 2 == 0 else ("1", "0")):
             env = {**os.environ, "THP_MEM_ALLOC_ENABLE": setting}
-            out = subprocess.run([sys.executable, __file__, *child_argv, "--child", setting],
+            out = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--child", setting],
                                  env=env, capture_output=True, text=True)
             if out.returncode:
                 sys.exit(f"child (THP_MEM_ALLOC_ENABLE={setting}) failed:\n{out.stderr[-3000:]}")

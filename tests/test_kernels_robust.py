@@ -239,9 +239,8 @@ def test_full_index_check_runs_once_per_topology(monkeypatch):
     gen = torch.Generator().manual_seed(0)
     active = sample_inactive(40 * 30, torch.empty(0, dtype=torch.long), 200, gen)
     layer = sl.SparseLinear(30, 40, active, generator=gen)
-    # (crow, col), the transposed (ccol, row_t), perm, and col before the counting sort's scatter
-    counting_sort = kernels.get_backend() not in ("torch", "reference") and kernels._c_lib() is not None
-    assert len(calls) == (4 if counting_sort else 3)
+    # (crow, col), the transposed (ccol, row_t), perm, and col before the CSC view is built
+    assert len(calls) == 4
     p = sl.SparseLinearParam("w", layer)
     for step in range(6):
         calls.clear()
@@ -251,7 +250,7 @@ def test_full_index_check_runs_once_per_topology(monkeypatch):
             a = p.active()
             grow = sample_inactive(1200, a, 10, gen)
             p.update(a[:10], grow, torch.zeros(10))
-            assert len(calls) == (4 if counting_sort else 3)
+            assert len(calls) == 4
 
 
 # ---------------------------------------------------------------------------------------------

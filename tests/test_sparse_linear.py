@@ -636,28 +636,25 @@ def test_evaluation_builds_no_autograd_graph():
 
 @pytest.mark.parametrize("backend", backends(), indirect=True)
 @pytest.mark.parametrize("shape, nnz", [((7, 5), 0), ((7, 5), 35), ((50, 300), 900), ((300, 40), 5000)])
-def test_csc_perm_is_the_stable_column_sort(backend, shape, nnz):
+def test_csc_order_is_the_stable_column_sort(backend, shape, nnz):
     # the CSC view's perm: a counting sort on CPU with the C kernels, the stable sort elsewhere;
     # both must give the column-major order with rows ascending within a column
     n, m = shape
     gen = torch.Generator().manual_seed(nnz)
     active = torch.randperm(n * m, generator=gen)[:nnz].sort().values
     col = active % m
-    ccol = torch.cat([torch.zeros(1, dtype=torch.long), torch.bincount(col, minlength=m).cumsum(0)])
-    perm = kernels.csc_perm(col, ccol)
+    ccol, perm = kernels.csc_order(col, m)
+    assert torch.equal(ccol, torch.cat([torch.zeros(1, dtype=torch.long),
+                                        torch.bincount(col, minlength=m).cumsum(0)]))
     assert torch.equal(perm, torch.sort(col, stable=True).indices)
     rows = active // m
     key = col[perm] * n + rows[perm]  # column-major, rows ascending: strictly increasing
     assert bool((key[1:] > key[:-1]).all())
 
 
-def test_csc_perm_refuses_a_column_pointer_that_does_not_count_col():
-    if kernels._c_lib() is None or kernels.get_backend() in ("torch", "reference"):
-        pytest.skip("the check guards the C scatter")
-    col = torch.tensor([0, 2, 1, 2])
-    good = torch.tensor([0, 1, 2, 4])
-    assert torch.equal(kernels.csc_perm(col, good), torch.tensor([0, 2, 1, 3]))
-    with pytest.raises(ValueError, match="column pointer"):
-        kernels.csc_perm(col, torch.tensor([0, 2, 2, 4]))
-    with pytest.raises(ValueError, match="outside"):
-        kernels.csc_perm(torch.tensor([0, 3, 1, 2]), good)
+@pytest.mark.parametrize("backend", backends(), indirect=True)
+def test_csc_order_refuses_columns_out_of_range(backend):
+    assert torch.equal(kernels.csc_order(torch.tensor([0, 2, 1, 2]), 3)[1], torch.tensor([0, 2, 1, 3]))
+    for bad in ([0, 3, 1, 2], [0, -1, 1, 2]):
+        with pytest.raises(ValueError, match="outside"):
+            kernels.csc_order(torch.tensor(bad), 3)

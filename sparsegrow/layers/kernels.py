@@ -273,10 +273,10 @@ DEF(float, int64_t, f32_i64)
 DEF(double, int64_t, f64_i64)
 DEF(float, int32_t, f32_i32)
 DEF(double, int32_t, f64_i32)
-/* The positions of a CSR pattern's nnz in column-major order, rows ascending within a column:
-   a counting sort over the columns, O(nnz). pos (m,) holds each column's first slot (the CSC
-   column pointer) and is advanced in place; one thread, since the scatter's order over k (rows
-   ascending) is what makes it stable. */
+/* The positions of a CSR pattern's nnz in column-major order, rows ascending within a column
+   (csc_order): a counting sort over the columns, O(nnz). pos (m,) holds each column's first
+   slot (the CSC column pointer) and is advanced in place; one thread, since the scatter's order
+   over k (rows ascending) is what makes it stable. */
 void sg_csc_perm(const int64_t* col, int64_t nnz, int64_t* pos, int64_t* perm) {
   for (int64_t k = 0; k < nnz; ++k) perm[pos[col[k]]++] = k;
 }
@@ -505,32 +505,28 @@ def csc_grads(crow: torch.Tensor, col: torch.Tensor, ccol: torch.Tensor, row_t: 
     return spmm(ccol, row_t, val[perm], dyt, ccol.numel() - 1), dv
 
 
-def csc_perm(col: torch.Tensor, ccol: torch.Tensor) -> torch.Tensor:
-    """The positions (nnz,) int64 of a row-major (CSR) pattern's nnz in column-major order, rows
-    ascending within each column: torch.sort(col, stable=True).indices. col (nnz,) int64: the
-    column of each nnz in row-major order; ccol (m + 1,) int64: the CSC column pointer of the
-    same pattern (ccol[c + 1] - ccol[c] = #{k : col[k] = c}, checked before the scatter). On
-    CPU with the C kernels a counting sort, O(nnz + m) (40 M nnz at m = 10⁶:
-    benchmarks/bench_csc_perm.py); elsewhere the stable sort."""
-    if col.dim() != 1 or col.dtype != torch.long or ccol.dim() != 1 or ccol.dtype != torch.long:
-        raise ValueError(f"csc_perm: col and ccol must be 1-D int64, got {col.dtype} "
-                         f"{tuple(col.shape)} and {ccol.dtype} {tuple(ccol.shape)}")
-    nnz, m = col.numel(), ccol.numel() - 1
-    if (_backend in ("torch", "reference") or col.device.type != "cpu"
-            or ccol.device.type != "cpu" or _c_lib() is None or nnz == 0):
-        return torch.sort(col, stable=True).indices
-    # the C scatter writes perm[pos[col[k]]]: every index must be in range and ccol must count
-    # col exactly, or it would write outside perm
-    lo, hi = (int(v) for v in torch.aminmax(col))
-    if m < 1 or lo < 0 or hi >= m:
-        raise ValueError(f"csc_perm: col holds {lo if lo < 0 else hi}, outside [0, {max(m, 0)})")
-    if int(ccol[0]) != 0 or not torch.equal(ccol[1:] - ccol[:-1], torch.bincount(col, minlength=m)):
-        raise ValueError("csc_perm: ccol is not the column pointer of col")
+def csc_order(col: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ccol (m + 1,), perm (nnz,)), int64, the CSC view of a row-major (CSR) pattern: ccol the
+    column pointer, perm the nnz's positions in column-major order with rows ascending within
+    each column (torch.sort(col, stable=True).indices). col (nnz,) int64 in [0, m): the column
+    of each nnz in row-major order. On CPU with the C kernels perm is a counting sort, O(nnz + m)
+    (40 M nnz at m = 10⁶: benchmarks/bench_csc_perm.py); elsewhere the stable sort."""
+    if col.dim() != 1 or col.dtype != torch.long:
+        raise ValueError(f"csc_order: col must be 1-D int64, got {col.dtype} {tuple(col.shape)}")
+    nnz = col.numel()
+    if nnz:  # the C scatter writes perm[pos[col[k]]]: a column outside [0, m) would write outside
+        lo, hi = (int(v) for v in torch.aminmax(col))
+        if lo < 0 or hi >= m:
+            raise ValueError(f"csc_order: col holds {lo if lo < 0 else hi}, outside [0, {m})")
+    ccol = torch.cat([col.new_zeros(1), torch.cumsum(torch.bincount(col, minlength=m), 0)])
+    if (_backend in ("torch", "reference") or col.device.type != "cpu" or _c_lib() is None
+            or nnz == 0):
+        return ccol, torch.sort(col, stable=True).indices
     col = col.contiguous()
-    pos = ccol[:-1].clone()
+    pos = ccol[:-1].clone()  # each column's next free slot, advanced by the scatter
     perm = torch.empty_like(col)
     _c_lib().sg_csc_perm(col.data_ptr(), nnz, pos.data_ptr(), perm.data_ptr())
-    return perm
+    return ccol, perm
 
 
 def searchsorted_sorted(seq: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:

@@ -275,11 +275,8 @@ class CSRModule(nn.Module):
                     f"{self.min_per_row} inputs (unit {j} keeps {int(per_row[j])}); raise the "
                     "density or lower min_per_row")
         col = active - rows * m
-        per_col = torch.bincount(col, minlength=m)
-        ccol = torch.cat([per_col.new_zeros(1), torch.cumsum(per_col, 0)])
-        # Column-major order of the same nnz, rows ascending within a column (a stable sort by
-        # column; a counting sort on CPU)
-        perm = kernels.csc_perm(col, ccol)
+        # the CSC view: column pointer, and the nnz in column-major order, rows ascending
+        ccol, perm = kernels.csc_order(col, m)
         # computed in int64 (transient, once per update), stored in the layer's index dtype
         it = self._choose_index_dtype(active.numel())
         new = {"crow": torch.cat([per_row.new_zeros(1), torch.cumsum(per_row, 0)]), "col": col,
