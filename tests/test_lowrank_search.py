@@ -69,17 +69,52 @@ def test_exactly_n_distinct_inactive_sorted(kind, metric):
             assert torch.allclose(val, sk.abs() if metric == "abs_ip" else sk, atol=1e-4)
 
 
-def test_active_pairs_crowding_the_top_are_excluded_in_the_pool():
-    # the active set is exactly the top of S: the after-the-fact exclusion leaves too few, so the
-    # search runs again with the pool excluding them; still n inactive pairs, the exact ones
-    Z, X = signal("lowrank+noise")
+def crowded_active(Z, X, top=6000):
+    """As training leaves it: the top of |S| (grown from it) and a random share (the rest)."""
     S = (Z.t() @ X).abs().reshape(-1)
-    ex = torch.sort(torch.topk(S, 6000).indices).values
-    ref, _, _ = exact_top_pairs(Z, X, 600, ex, torch.Generator().manual_seed(0))
-    idx, _, info = lowrank(Z, X, 600, ex, rank=32, candidates=1.5)
-    assert info["excluded_in_pool"] is True
+    return torch.unique(torch.cat([torch.topk(S, top).indices, active()]))  # sorted
+
+
+@pytest.mark.parametrize("metric", ["abs_ip", "ip"])
+def test_active_pairs_crowding_the_top_are_excluded_in_the_pool(metric):
+    # the active pairs hold the top of S; the pool checks only those whose S_k bound reaches the
+    # search's threshold, not the random rest; still n inactive pairs, exact search's
+    Z, X = signal("lowrank+noise")
+    ex = crowded_active(Z, X)
+    ref, _, _ = exact_top_pairs(Z, X, 600, ex, torch.Generator().manual_seed(0), metric)
+    idx, _, info = top_pairs(Z, X, 600, ex, torch.Generator().manual_seed(0), "lowrank", metric,
+                             backend_options={"rank": 32, "candidates": 1.5})
+    assert 0 < info["excluded_checked"] < 0.7 and not info["bound_missed"]
     assert not isin_sorted(idx, ex).any() and idx.numel() == 600
     assert torch.equal(idx, ref)
+
+
+def test_a_bound_below_the_search_scores_falls_back_to_excluding_all(monkeypatch):
+    # a bound that misses (here: far too low, as rounding beyond the margin would be) lets
+    # active pairs into the pool: they are caught and the search runs again excluding them all
+    from sparsegrow.search import lowrank as lr
+    Z, X = signal("lowrank+noise")
+    ex = crowded_active(Z, X)
+    ref, _, _ = exact_top_pairs(Z, X, 600, ex, torch.Generator().manual_seed(0))
+    monkeypatch.setattr(lr, "active_bound",
+                        lambda A, B, excluded, metric: torch.full((excluded.numel(),), -1.0))
+    idx, _, info = lowrank(Z, X, 600, ex, rank=32, candidates=1.5)
+    assert info["bound_missed"] and info["excluded_checked"] == 1.0
+    assert torch.equal(idx, ref)
+
+
+def test_active_bound_covers_the_search_scores():
+    # bound >= |S_k| at every excluded pair as the GEMM computes it, by at most the margin
+    from sparsegrow.search.lowrank import active_bound
+    Z, X = signal("skewed")
+    A, B, _ = rank_k_factors(Z, X, 8)
+    ex = active(density=0.3)
+    gemm = (A.t() @ B).reshape(-1)[ex]
+    for metric, s in (("abs_ip", gemm.abs()), ("ip", gemm)):
+        b = active_bound(A, B, ex, metric, chunk=1000)  # chunks spanning rows
+        assert (b >= s).all()
+        assert float((b - s).max()) <= 4 * 8 * 2.0 ** -24 * float(
+            A.norm(dim=0).max() * B.norm(dim=0).max()) * 1.01 + 1e-6
 
 
 @pytest.mark.parametrize("kind", ["lowrank+noise", "gaussian"])

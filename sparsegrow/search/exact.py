@@ -53,12 +53,19 @@ def score_floor(metric: str) -> float:
     return torch.finfo(torch.float32).tiny if metric == "abs_ip" else -math.inf
 
 
-def _seed_thresholds(Z, X, zn, xn, n, excluded, metric, floor) -> list[float]:
+def _seed_thresholds(Z, X, zn, xn, n, excluded, metric, floor,
+                     excluded_bound: torch.Tensor | None = None) -> list[float]:
     """Thresholds to start the search from, highest first, the floor last: about `_MARGIN * n`
     and `_RETRY * n` inactive pairs exceed the first two, estimated from one sub-matrix of S on
     rows and columns spread over the norm order (`_norm_spread`). A pass that ends with fewer
     than n pairs pooled is run again from the next one (the second estimate, not the floor:
-    from the floor, lowrank:4 at 65,536², ε=20 pooled 5x the pairs, 1.27 s and 847 MiB extra)."""
+    from the floor, lowrank:4 at 65,536², ε=20 pooled 5x the pairs, 1.27 s and 847 MiB extra).
+
+    The sub-matrix counts active pairs as inactive ones. Where they crowd the top of S (training:
+    they were grown from it) too few inactive pairs pass the estimate and the search falls
+    through to the floor. With the excluded pairs' scores (`excluded_bound`), the count above a
+    threshold is taken less the active pairs above it (from a sample of at most 2²⁰ of them),
+    lowering the threshold until the difference reaches the aim."""
     N, M = Z.shape[1], X.shape[1]
     free = N * M - excluded.numel()
     p = _MARGIN * n / max(free, 1)
@@ -70,13 +77,27 @@ def _seed_thresholds(Z, X, zn, xn, n, excluded, metric, floor) -> list[float]:
     side = max(1, int(math.sqrt(min(want * want, N * M // 16))))
     rows, cols = _norm_spread(zn, min(side, N), g), _norm_spread(xn, min(side, M), g)
     s = _scores(Z[:, rows].t() @ X[:, cols], metric, Z[:, rows], X[:, cols]).reshape(-1)
+    act = None  # a sample of the active pairs' scores, ascending, and its scale to all of them
+    if excluded_bound is not None and excluded_bound.numel():
+        pick = torch.randint(0, excluded_bound.numel(), (min(excluded_bound.numel(), 1 << 20),),
+                             generator=g).to(excluded_bound.device)
+        act = torch.sort(excluded_bound[pick]).values
+        act_scale = excluded_bound.numel() / act.numel()
+    kth = lambda k: float(torch.topk(s, k, sorted=False).values.min())  # noqa: E731
     out = []
     for margin in (_MARGIN, _RETRY):
         q = margin * n / max(free, 1)
         above = int(q * s.numel())
         if q >= 1 or above < 20:  # too few samples above: no estimate
             continue
-        tau = float(torch.topk(s, above, sorted=False).values.min())
+        tau = kth(above)
+        for _ in range(8 if act is not None else 0):  # all pairs above = aim + active above
+            n_act = (act.numel() - int(torch.searchsorted(act, torch.tensor(
+                [tau], dtype=act.dtype, device=act.device)))) * act_scale
+            need = min(int((margin * n + n_act) / (N * M) * s.numel()), s.numel())
+            if need <= above * 1.05:
+                break
+            above, tau = need, kth(need)
         if tau > floor and (not out or tau < out[-1]):
             out.append(tau)
     return out + [floor]
@@ -142,11 +163,19 @@ def exact_top_pairs(Z: torch.Tensor, X: torch.Tensor, n: int, excluded: torch.Te
 @torch.no_grad()
 def search_pool(Z: torch.Tensor, X: torch.Tensor, n: int, excluded: torch.Tensor,
                 metric: str = "abs_ip", block_bytes: int | None = None, prune: bool = True,
-                seed_threshold: bool = True) -> tuple[TopPool, dict]:
+                seed_threshold: bool = True, excluded_bound: torch.Tensor | None = None
+                ) -> tuple[TopPool, dict]:
     """The search of `exact_top_pairs` up to its pool: a `TopPool` holding every inactive pair
     of the top n (more when the pool has room; fewer than n only when fewer have a score above
-    the metric's floor), and info {"pairs_computed", "passes", "pool_prunes"}. Callers that
-    rescore the pool (the `lowrank` backend) skip exact selection's tie-break and sort."""
+    the metric's floor), and info {"pairs_computed", "passes", "pool_prunes",
+    "excluded_checked"}. Callers that rescore the pool (the `lowrank` backend) skip exact
+    selection's tie-break and sort.
+
+    excluded_bound: (len(excluded),) float, at least the score this search computes for each
+    excluded pair, rounding included (the caller's margin). A pass starting at threshold tau
+    never pools a pair scoring below tau, so its pool checks only the excluded pairs whose bound
+    reaches tau (`excluded_checked`: their share in the last pass): a binary search in a short
+    list instead of all of them."""
     check_metric(metric)
     R, N = Z.shape
     M = X.shape[1]
@@ -156,8 +185,8 @@ def search_pool(Z: torch.Tensor, X: torch.Tensor, n: int, excluded: torch.Tensor
     Z, X = Z.float(), X.float()
     floor = score_floor(metric)
     zn, xn = Z.norm(dim=0), X.norm(dim=0)  # (N,), (M,): the seed's sample, the bound, its order
-    starts = (_seed_thresholds(Z, X, zn, xn, n, excluded, metric, floor) if seed_threshold
-              else [floor])
+    starts = (_seed_thresholds(Z, X, zn, xn, n, excluded, metric, floor, excluded_bound)
+              if seed_threshold else [floor])
     bound = prune and metric in ("ip", "abs_ip") and _bound_prunes(zn, xn, starts[0])
     if bound:  # visit rows and columns in decreasing norm
         zn, rperm = torch.sort(zn, descending=True)
@@ -175,9 +204,12 @@ def search_pool(Z: torch.Tensor, X: torch.Tensor, n: int, excluded: torch.Tensor
     buf = torch.empty(min(block_rows, N) * M, device=Z.device)  # reused: no page faults
     computed, passes = 0, 0
     pend_i = pend_v = torch.empty(0, device=Z.device)
+    checked = excluded
     for tau_start in starts:
         passes += 1
-        pool = TopPool(n, excluded, numel, threshold=tau_start, capacity=3 * n)
+        if excluded_bound is not None:
+            checked = excluded[excluded_bound >= tau_start]  # still sorted
+        pool = TopPool(n, checked, numel, threshold=tau_start, capacity=3 * n)
         # Survivors of the threshold collect in one preallocated buffer, as flat indices (in the
         # permuted order under bound pruning) and scores, and go to the pool in batches: few ops
         # per block (on a shared machine each op waits for a time slice) and no fresh memory.
@@ -235,7 +267,8 @@ def search_pool(Z: torch.Tensor, X: torch.Tensor, n: int, excluded: torch.Tensor
             break
         # The seeded threshold was too high: search again from the next, lower one.
     return pool, {"pairs_computed": computed / max(numel, 1), "passes": passes,
-                  "pool_prunes": pool.prunes}
+                  "pool_prunes": pool.prunes,
+                  "excluded_checked": checked.numel() / max(excluded.numel(), 1)}
 
 
 @BACKENDS.register("exact", "blocked exact search in torch (the oracle; any device)")

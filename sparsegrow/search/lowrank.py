@@ -34,7 +34,7 @@ import torch
 
 from .base import BACKENDS, best_scored, check_pairs_call
 from .exact import search_pool
-from .sampled import check_candidates, free_mask, score_at_rows
+from .sampled import check_candidates, free_mask, score_at, score_at_rows
 
 LOWRANK_METRICS = ("ip", "abs_ip")
 
@@ -92,6 +92,31 @@ def rank_k_factors(Z: torch.Tensor, X: torch.Tensor, k: int, spec: Spectrum | No
     return Wz.t().to(Z.dtype) @ Z, Wx.t().to(X.dtype) @ X, sp.energy
 
 
+def active_bound(A: torch.Tensor, B: torch.Tensor, excluded: torch.Tensor, metric: str,
+                 chunk: int = 1 << 22) -> torch.Tensor:
+    """(len(excluded),) float32: at least the score the blocked GEMM of `search_pool` computes
+    for each excluded pair of S_k = Aᵀ B. A: (k, N), B: (k, M); excluded: sorted flat indices.
+
+    S_k at the pairs by SDDMM (`score_at`, in chunks of `chunk` pairs: bounded temporaries), plus
+    a margin for both computations' rounding: a float32 sum of k products errs by at most
+    γ_k Σ_r |a_rj b_ri| <= k u ‖a_j‖ ‖b_i‖ (any summation order), doubled and taken at the
+    largest norms; u = 2⁻²⁴, or TF32's 2⁻¹¹ where CUDA GEMMs may use it."""
+    k, M = A.shape[0], B.shape[1]
+    out = torch.empty(excluded.numel(), device=excluded.device)
+    if excluded.numel() == 0:
+        return out
+    At, Bt = A.t().contiguous(), B.t().contiguous()  # (N, k), (M, k)
+    tf32 = A.device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32
+    u = 2.0 ** (-11 if tf32 else -24)
+    margin = 4 * k * u * float(At.norm(dim=1).max()) * float(Bt.norm(dim=1).max())
+    for p0 in range(0, excluded.numel(), chunk):
+        keys = excluded[p0:p0 + chunk]
+        j0, j1 = int(keys[0]) // M, int(keys[-1]) // M + 1  # the rows the chunk spans
+        s = score_at(At[j0:j1], Bt, keys - j0 * M)
+        out[p0:p0 + keys.numel()] = s.abs_() if metric == "abs_ip" else s
+    return out.add_(margin)
+
+
 @BACKENDS.register("lowrank", "exact search on the best rank-k approximation of dZᵀX, the "
                    "c·n best candidates rescored exactly")
 class LowRankIndex:
@@ -116,23 +141,19 @@ class LowRankIndex:
         Z, X = Z.float().contiguous(), X.float().contiguous()
         A, B, energy = rank_k_factors(Z, X, self.rank, spec)
         m = min(max(n, math.ceil(self.candidates * n)), numel - excluded.numel())
-        # The active pairs are removed after one sort of the candidates, by a linear merge (the
-        # pool's own exclusion is a binary search per unsorted pair: 3x slower at 65,536²), so
-        # the pool is asked for as many more as a random pair's chance of being active predicts.
-        # Too few inactive ones left (the active pairs crowd the top of S_k): search again with
-        # the pool excluding them.
-        extra = math.ceil(m * excluded.numel() / numel) + 64
-        pool, sinfo = search_pool(A, B, min(m + extra, numel), excluded[:0], metric)
-        keys, approx = pool.top(m + extra)  # sorted flat indices, S_k at them; pool emptied
-        free = free_mask(keys, excluded)
-        if int(free.sum()) < n:
-            del keys, approx, free
+        # In training the active pairs crowd the top of S_k (they were grown from it), so the
+        # pool must exclude them as it fills; it checks only those whose S_k score can reach a
+        # pass's start threshold (`active_bound`), a short list, not all nnz. Should rounding
+        # beyond the bound's margin let one through, the search runs again excluding them all.
+        bound = active_bound(A, B, excluded, metric)
+        pool, sinfo = search_pool(A, B, m, excluded, metric, excluded_bound=bound)
+        del bound
+        keys, approx = pool.top(m)  # sorted flat indices, S_k at them; pool emptied
+        if not bool(free_mask(keys, excluded).all()):
+            del keys, approx
             pool, sinfo = search_pool(A, B, m, excluded, metric)
             keys, approx = pool.top(m)
-            sinfo["excluded_in_pool"] = True
-        else:
-            keys, approx = keys[free], approx[free]
-            del free
+            sinfo["bound_missed"] = True
         if keys.numel() > m:  # the pool may hold more than m: keep the m best of S_k
             top = approx >= torch.topk(approx, m, sorted=False).values.min()
             keys, approx = keys[top], approx[top]
@@ -150,7 +171,8 @@ class LowRankIndex:
         info = {"rank": k, "energy": float(energy[min(k, energy.numel()) - 1]),
                 "candidates": self.candidates, "scored": keys.numel() if rescored else 0,
                 "pairs_computed": sinfo["pairs_computed"], "random_filled": filled,
-                "excluded_in_pool": sinfo.get("excluded_in_pool", False)}
+                "excluded_checked": sinfo["excluded_checked"],
+                "bound_missed": sinfo.get("bound_missed", False)}
         return idx, val, info
 
     # -- the per-query contract ---------------------------------------------------------------
