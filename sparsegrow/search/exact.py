@@ -64,7 +64,7 @@ def _seed_thresholds(Z, X, zn, xn, n, excluded, metric, floor,
     The sub-matrix counts active pairs as inactive ones. Where they crowd the top of S (training:
     they were grown from it) too few inactive pairs pass the estimate and the search falls
     through to the floor. With the excluded pairs' scores (`excluded_bound`), the count above a
-    threshold is taken less the active pairs above it (from a sample of at most 2²⁰ of them),
+    threshold is taken less the active pairs above it (from a sample of at most 2¹⁶ of them),
     lowering the threshold until the difference reaches the aim."""
     N, M = Z.shape[1], X.shape[1]
     free = N * M - excluded.numel()
@@ -77,11 +77,11 @@ def _seed_thresholds(Z, X, zn, xn, n, excluded, metric, floor,
     side = max(1, int(math.sqrt(min(want * want, N * M // 16))))
     rows, cols = _norm_spread(zn, min(side, N), g), _norm_spread(xn, min(side, M), g)
     s = _scores(Z[:, rows].t() @ X[:, cols], metric, Z[:, rows], X[:, cols]).reshape(-1)
-    act = None  # a sample of the active pairs' scores, ascending, and its scale to all of them
+    act = None  # a sample of the active pairs' scores and its scale to all of them
     if excluded_bound is not None and excluded_bound.numel():
-        pick = torch.randint(0, excluded_bound.numel(), (min(excluded_bound.numel(), 1 << 20),),
+        pick = torch.randint(0, excluded_bound.numel(), (min(excluded_bound.numel(), 1 << 16),),
                              generator=g).to(excluded_bound.device)
-        act = torch.sort(excluded_bound[pick]).values
+        act = excluded_bound[pick]
         act_scale = excluded_bound.numel() / act.numel()
     kth = lambda k: float(torch.topk(s, k, sorted=False).values.min())  # noqa: E731
     out = []
@@ -92,8 +92,7 @@ def _seed_thresholds(Z, X, zn, xn, n, excluded, metric, floor,
             continue
         tau = kth(above)
         for _ in range(8 if act is not None else 0):  # all pairs above = aim + active above
-            n_act = (act.numel() - int(torch.searchsorted(act, torch.tensor(
-                [tau], dtype=act.dtype, device=act.device)))) * act_scale
+            n_act = int((act >= tau).sum()) * act_scale
             need = min(int((margin * n + n_act) / (N * M) * s.numel()), s.numel())
             if need <= above * 1.05:
                 break

@@ -1,0 +1,152 @@
+"""lowrank's grow where the active pairs crowd the top of S, as training leaves them (issue 13):
+the bounded exclusion (one search; the pool checks only the active pairs whose S_k bound can
+reach the threshold) against the path it replaced (a search that does not exclude, which in
+training always found too few inactive pairs, then a second search excluding all nnz), and
+exact search, in the same run.
+
+    python benchmarks/bench_lowrank_exclusion.py --sizes 65536 --densities 0.001 --repeats 3 \
+        --out benchmarks/results/bench_lowrank_exclusion.md
+
+Signal: bench_sampled_grow's real-profile signal at width W (captured Fashion-MNIST dZ and X,
+columns drawn with replacement, scaled by exp(0.1·ε)). Active set, "crowded" (--crowd f): f of
+the nnz are the top pairs of |S_k| (rank 8) of the same columns rescaled by a fresh exp(0.3·ε')
+(a nearby signal: what an earlier update grew), the rest uniform at random; --crowd 0 gives
+bench_sampled_grow's uniform set. n = --fraction of nnz grown; rank: what `auto` picks on the
+signal. Both lowrank paths must return the same pairs (asserted). Times are medians over
+--repeats, every method once per repeat, interleaved; "extra MiB" as in bench_sampled_grow.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+from sparsegrow.search import exact_top_pairs, top_pairs
+from sparsegrow.search.exact import search_pool
+from sparsegrow.search.lowrank import rank_k_factors
+from sparsegrow.search.sampled import free_mask
+from sparsegrow.search_grow import pair_scores
+from sparsegrow.topology import sample_inactive
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _device  # noqa: E402
+from bench_sampled_grow import real_profile  # noqa: E402
+
+
+def crowded_active(Z, X, nnz, crowd, seed, dev):
+    """(sorted flat indices,): crowd · nnz top pairs of a nearby signal's |S_8|, the rest random."""
+    g = torch.Generator().manual_seed(seed)
+    top = int(crowd * nnz)
+    grown = torch.empty(0, dtype=torch.long, device=dev)
+    if top:
+        Zn = Z * torch.exp(0.3 * torch.randn(Z.shape[1], generator=g)).to(dev)
+        Xn = X * torch.exp(0.3 * torch.randn(X.shape[1], generator=g)).to(dev)
+        A, B, _ = rank_k_factors(Zn, Xn, 8)
+        pool, _ = search_pool(A, B, top, grown, "abs_ip")
+        grown, _ = pool.top(top)
+        grown = grown[:top]
+    rest = sample_inactive(Z.shape[1] * X.shape[1], grown, nnz - grown.numel(), g, dev)
+    return torch.sort(torch.cat([grown, rest])).values
+
+
+def replaced_path(Z, X, n, excluded, rank, metric="abs_ip"):
+    """The lowrank grow before the bounded exclusion (candidates = 1, as auto runs it): the top
+    m + extra of S_k without exclusion, the active ones removed by a merge; too few left: search
+    again with the pool excluding every active pair. -> (sorted idx, searches run)."""
+    A, B, _ = rank_k_factors(Z.float().contiguous(), X.float().contiguous(), rank)
+    numel = Z.shape[1] * X.shape[1]
+    extra = math.ceil(n * excluded.numel() / numel) + 64
+    pool, _ = search_pool(A, B, min(n + extra, numel), excluded[:0], metric)
+    keys, approx = pool.top(n + extra)
+    free = free_mask(keys, excluded)
+    searches = 1
+    if int(free.sum()) < n:
+        pool, _ = search_pool(A, B, n, excluded, metric)
+        keys, approx = pool.top(n)
+        searches = 2
+    else:
+        keys, approx = keys[free], approx[free]
+    if keys.numel() > n:
+        top = approx >= torch.topk(approx, n, sorted=False).values.min()
+        keys = keys[top]
+    return keys, searches
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--signal", default="benchmarks/signals/fmnist_mlp4096.pt")
+    ap.add_argument("--sizes", nargs="+", type=int, default=[65536])
+    ap.add_argument("--densities", nargs="+", type=float, default=[0.001])
+    ap.add_argument("--crowd", type=float, default=0.3)
+    ap.add_argument("--fraction", type=float, default=0.3)
+    ap.add_argument("--exact-max-width", type=int, default=65536)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    args = ap.parse_args()
+    dev = _device.resolve(args.device)
+    if dev.type != "cuda":
+        torch.set_num_threads(args.threads)
+    sig = torch.load(args.signal)
+    rows = ["| size | density | crowd | method | time s | × replaced | × exact | searches | "
+            "active pairs checked | quality vs exact | extra MiB |", "|" + "---|" * 11]
+    print("\n".join(rows), flush=True)
+    for W in args.sizes:
+        Z, X = (t.to(dev) for t in real_profile(sig, W))
+        for d in args.densities:
+            active = crowded_active(Z, X, int(d * W * W), args.crowd, 1, dev)
+            n = int(round(args.fraction * active.numel()))
+            rank = top_pairs(Z, X, n, active, torch.Generator().manual_seed(2), "auto")[2]["rank"]
+            methods = ["bounded (auto)", "replaced"] + ["exact"] * (W <= args.exact_max_width)
+            times, extra, out, info = ({m: [] for m in methods}, {m: [] for m in methods}, {}, {})
+            for r in range(args.repeats + (1 if dev.type == "cuda" else 0)):
+                for m in methods:
+                    gen = torch.Generator().manual_seed(2)
+                    _device.sync(dev)
+                    peak = _device.MemPeak(dev).__enter__()
+                    t0 = time.perf_counter()
+                    if m == "exact":
+                        idx, _, inf = exact_top_pairs(Z, X, n, active, gen)
+                    elif m == "replaced":
+                        idx, s = replaced_path(Z, X, n, active, rank)
+                        inf = {"searches": s, "excluded_checked": 1.0 if s == 2 else 0.0}
+                    else:
+                        idx, _, inf = top_pairs(Z, X, n, active, gen, "auto")
+                        inf["searches"] = 2 if inf["bound_missed"] else 1
+                    _device.sync(dev)
+                    dt = time.perf_counter() - t0
+                    peak.__exit__(None, None, None)
+                    if dev.type != "cuda" or r > 0:
+                        times[m].append(dt)
+                        extra[m].append(peak.bytes / 2**20)
+                    out[m], info[m] = idx, inf
+            assert torch.equal(out["bounded (auto)"], out["replaced"]), "the two paths differ"
+            med = {m: statistics.median(times[m]) for m in methods}
+            best = float(pair_scores(Z, X, out["exact"]).sum()) if "exact" in out else None
+            for m in methods:
+                q = f"{float(pair_scores(Z, X, out[m]).sum()) / best:.3f}" if best else "-"
+                vs_ex = f"{med['exact'] / med[m]:.1f}×" if "exact" in med else "-"
+                row = (f"| {W}² | {d} | {args.crowd} | {m}{' rank ' + str(rank) if m != 'exact' else ''}"
+                       f" | {med[m]:.3f} | {med['replaced'] / med[m]:.2f}× | {vs_ex} | "
+                       f"{info[m].get('searches', 1)} | {info[m].get('excluded_checked', 1.0):.3f} | "
+                       f"{q} | {statistics.median(extra[m]):.0f} |")
+                rows.append(row)
+                print(row, flush=True)
+    if args.out:
+        cmd = "python " + " ".join(sys.argv)
+        text = (f"# bench_lowrank_exclusion\n\n`{cmd}` ({args.threads} threads, {dev})\n\n"
+                + "\n".join(rows) + "\n")
+        tmp = args.out + ".tmp"
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, args.out)
+
+
+if __name__ == "__main__":
+    main()
