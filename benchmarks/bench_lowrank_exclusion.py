@@ -10,8 +10,8 @@ exact search, in the same run.
 Signal: bench_sampled_grow's real-profile signal at width W (captured Fashion-MNIST dZ and X,
 columns drawn with replacement, scaled by exp(0.1·ε)). Active set, "crowded" (--crowd f): f of
 the nnz are the top pairs of |S_k| (rank 8) of the same columns rescaled by a fresh exp(0.3·ε')
-(a nearby signal: what an earlier update grew), the rest uniform at random; --crowd 0 gives
-bench_sampled_grow's uniform set. n = --fraction of nnz grown; rank: what `auto` picks on the
+(a nearby signal: what an earlier update grew), the rest uniform at random; crowd 0 gives
+bench_sampled_grow's uniform set (default: both, 0.3 and 0). n = --fraction of nnz grown; rank: what `auto` picks on the
 signal. Both lowrank paths must return the same pairs (asserted). Times are medians over
 --repeats, every method once per repeat, interleaved; "extra MiB" as in bench_sampled_grow.
 """
@@ -29,7 +29,8 @@ import torch
 from sparsegrow.search import exact_top_pairs, top_pairs
 from sparsegrow.search.exact import search_pool
 from sparsegrow.search.lowrank import rank_k_factors
-from sparsegrow.search.sampled import free_mask
+from sparsegrow.search.base import best_scored
+from sparsegrow.search.sampled import free_mask, score_at_rows
 from sparsegrow.search_grow import pair_scores
 from sparsegrow.topology import sample_inactive
 
@@ -54,7 +55,7 @@ def crowded_active(Z, X, nnz, crowd, seed, dev):
     return torch.sort(torch.cat([grown, rest])).values
 
 
-def replaced_path(Z, X, n, excluded, rank, metric="abs_ip"):
+def replaced_path(Z, X, n, excluded, rank, generator, metric="abs_ip"):
     """The lowrank grow before the bounded exclusion (candidates = 1, as auto runs it): the top
     m + extra of S_k without exclusion, the active ones removed by a merge; too few left: search
     again with the pool excluding every active pair. -> (sorted idx, searches run)."""
@@ -71,9 +72,13 @@ def replaced_path(Z, X, n, excluded, rank, metric="abs_ip"):
         searches = 2
     else:
         keys, approx = keys[free], approx[free]
-    if keys.numel() > n:
+    if keys.numel() > n:  # ties at the n-th S_k value keep more than n: rescored exactly
         top = approx >= torch.topk(approx, n, sorted=False).values.min()
         keys = keys[top]
+    if keys.numel() != n:
+        scores = score_at_rows(Z.float().contiguous(), X.float().contiguous(), keys)
+        scores = scores.abs_() if metric == "abs_ip" else scores
+        keys = best_scored(keys, scores, n, excluded, numel, generator)[0]
     return keys, searches
 
 
@@ -82,7 +87,7 @@ def main():
     ap.add_argument("--signal", default="benchmarks/signals/fmnist_mlp4096.pt")
     ap.add_argument("--sizes", nargs="+", type=int, default=[65536])
     ap.add_argument("--densities", nargs="+", type=float, default=[0.001])
-    ap.add_argument("--crowd", type=float, default=0.3)
+    ap.add_argument("--crowd", nargs="+", type=float, default=[0.3, 0.0])
     ap.add_argument("--fraction", type=float, default=0.3)
     ap.add_argument("--exact-max-width", type=int, default=65536)
     ap.add_argument("--repeats", type=int, default=3)
@@ -99,8 +104,8 @@ def main():
     print("\n".join(rows), flush=True)
     for W in args.sizes:
         Z, X = (t.to(dev) for t in real_profile(sig, W))
-        for d in args.densities:
-            active = crowded_active(Z, X, int(d * W * W), args.crowd, 1, dev)
+        for d, crowd in ((d, c) for d in args.densities for c in args.crowd):
+            active = crowded_active(Z, X, int(d * W * W), crowd, 1, dev)
             n = int(round(args.fraction * active.numel()))
             rank = top_pairs(Z, X, n, active, torch.Generator().manual_seed(2), "auto")[2]["rank"]
             methods = ["bounded (auto)", "replaced"] + ["exact"] * (W <= args.exact_max_width)
@@ -114,7 +119,7 @@ def main():
                     if m == "exact":
                         idx, _, inf = exact_top_pairs(Z, X, n, active, gen)
                     elif m == "replaced":
-                        idx, s = replaced_path(Z, X, n, active, rank)
+                        idx, s = replaced_path(Z, X, n, active, rank, gen)
                         inf = {"searches": s, "excluded_checked": 1.0 if s == 2 else 0.0}
                     else:
                         idx, _, inf = top_pairs(Z, X, n, active, gen, "auto")
@@ -132,7 +137,7 @@ def main():
             for m in methods:
                 q = f"{float(pair_scores(Z, X, out[m]).sum()) / best:.3f}" if best else "-"
                 vs_ex = f"{med['exact'] / med[m]:.1f}×" if "exact" in med else "-"
-                row = (f"| {W}² | {d} | {args.crowd} | {m}{' rank ' + str(rank) if m != 'exact' else ''}"
+                row = (f"| {W}² | {d} | {crowd} | {m}{' rank ' + str(rank) if m != 'exact' else ''}"
                        f" | {med[m]:.3f} | {med['replaced'] / med[m]:.2f}× | {vs_ex} | "
                        f"{info[m].get('searches', 1)} | {info[m].get('excluded_checked', 1.0):.3f} | "
                        f"{q} | {statistics.median(extra[m]):.0f} |")
