@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gc
 import sys
+import time
 
 import torch
 
@@ -112,3 +113,28 @@ class MemPeak:
         else:
             self.bytes = _status_bytes("VmHWM") - self.base
         return False
+
+
+def interleaved(methods: list[str], repeats: int, dev: torch.device, run):
+    """Every method once per round, in turn, for `repeats` rounds (on cuda a warm-up round first,
+    not counted). run(method, generator) -> (idx, info), with a generator seeded 2 at every call.
+    -> (times s, extra MiB (MemPeak): lists per method; the last round's idx and info per method)."""
+    times = {m: [] for m in methods}
+    extra = {m: [] for m in methods}
+    out, info = {}, {}
+    warm = dev.type == "cuda"
+    for r in range(repeats + warm):
+        for m in methods:
+            gen = torch.Generator().manual_seed(2)
+            sync(dev)
+            with MemPeak(dev) as peak:
+                t0 = time.perf_counter()
+                idx, inf = run(m, gen)
+                sync(dev)
+                dt = time.perf_counter() - t0
+            if not warm or r > 0:
+                times[m].append(dt)
+                extra[m].append(peak.bytes / 2**20)
+            out[m], info[m] = idx, inf
+            del idx, inf  # at 10⁶² a method's pairs are ~100 MB: one copy at a time
+    return times, extra, out, info

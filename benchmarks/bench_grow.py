@@ -31,7 +31,7 @@ import time
 import torch
 from torch import nn
 
-from sparsegrow.search import exact_top_pairs, top_pairs
+from sparsegrow.search import top_pairs
 from sparsegrow.search_grow import pair_scores
 from sparsegrow.selection import select_top
 from sparsegrow.topology import isin_sorted, sample_inactive

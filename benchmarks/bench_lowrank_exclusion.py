@@ -22,7 +22,6 @@ import math
 import os
 import statistics
 import sys
-import time
 
 import torch
 
@@ -109,28 +108,18 @@ def main():
             n = int(round(args.fraction * active.numel()))
             rank = top_pairs(Z, X, n, active, torch.Generator().manual_seed(2), "auto")[2]["rank"]
             methods = ["bounded (auto)", "replaced"] + ["exact"] * (W <= args.exact_max_width)
-            times, extra, out, info = ({m: [] for m in methods}, {m: [] for m in methods}, {}, {})
-            for r in range(args.repeats + (1 if dev.type == "cuda" else 0)):
-                for m in methods:
-                    gen = torch.Generator().manual_seed(2)
-                    _device.sync(dev)
-                    peak = _device.MemPeak(dev).__enter__()
-                    t0 = time.perf_counter()
-                    if m == "exact":
-                        idx, _, inf = exact_top_pairs(Z, X, n, active, gen)
-                    elif m == "replaced":
-                        idx, s = replaced_path(Z, X, n, active, rank, gen)
-                        inf = {"searches": s, "excluded_checked": 1.0 if s == 2 else 0.0}
-                    else:
-                        idx, _, inf = top_pairs(Z, X, n, active, gen, "auto")
-                        inf["searches"] = 2 if inf["bound_missed"] else 1
-                    _device.sync(dev)
-                    dt = time.perf_counter() - t0
-                    peak.__exit__(None, None, None)
-                    if dev.type != "cuda" or r > 0:
-                        times[m].append(dt)
-                        extra[m].append(peak.bytes / 2**20)
-                    out[m], info[m] = idx, inf
+            def run(m, gen):
+                if m == "exact":
+                    idx, _, inf = exact_top_pairs(Z, X, n, active, gen)
+                elif m == "replaced":
+                    idx, s = replaced_path(Z, X, n, active, rank, gen)
+                    inf = {"searches": s, "excluded_checked": 1.0 if s == 2 else 0.0}
+                else:
+                    idx, _, inf = top_pairs(Z, X, n, active, gen, "auto")
+                    inf["searches"] = 2 if inf["bound_missed"] else 1
+                return idx, inf
+
+            times, extra, out, info = _device.interleaved(methods, args.repeats, dev, run)
             assert torch.equal(out["bounded (auto)"], out["replaced"]), "the two paths differ"
             med = {m: statistics.median(times[m]) for m in methods}
             best = float(pair_scores(Z, X, out["exact"]).sum()) if "exact" in out else None

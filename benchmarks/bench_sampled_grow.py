@@ -145,35 +145,23 @@ def main():
                 f"lowrank:{k}" for k in args.ranks] + [
                 f"sample-{s}:{c:g}" for s in args.samplers for c in args.candidates
                 if c * n <= args.max_draws]
-            times = {m: [] for m in methods}
-            out, info, extra = {}, {}, {m: [] for m in methods}
-            for r in range(args.repeats + (1 if cuda else 0)):  # on cuda: a warm-up pass first
-                for m in methods:
-                    gen = torch.Generator().manual_seed(2)
-                    _device.sync(dev)
-                    peak = _device.MemPeak(dev).__enter__()
-                    t0 = time.perf_counter()
-                    if m == "exact":
-                        idx, _, inf = exact_top_pairs(Z, X, n, active, gen)
-                    elif m == "random":
-                        idx, inf = sample_inactive(W * W, active, n, gen), {}
-                    elif m == "auto":
-                        idx, _, inf = top_pairs(Z, X, n, active, gen, "auto")
-                    elif m.startswith("lowrank:"):  # rank k, --lowrank-candidates per grown
-                        idx, _, inf = top_pairs(Z, X, n, active, gen, "lowrank", backend_options={
-                            "rank": int(m.split(":")[1]), "candidates": args.lowrank_candidates})
-                    else:
-                        b, c = m.split(":")
-                        idx, _, inf = top_pairs(Z, X, n, active, gen, b,
-                                                backend_options={"candidates": float(c)})
-                    _device.sync(dev)
-                    dt = time.perf_counter() - t0
-                    peak.__exit__(None, None, None)
-                    if not cuda or r > 0:
-                        times[m].append(dt)
-                        extra[m].append(peak.bytes / 2**20)
-                    out[m], info[m] = idx, inf
-                    del idx, inf
+            def run(m, gen):
+                if m == "exact":
+                    idx, _, inf = exact_top_pairs(Z, X, n, active, gen)
+                elif m == "random":
+                    idx, inf = sample_inactive(W * W, active, n, gen), {}
+                elif m == "auto":
+                    idx, _, inf = top_pairs(Z, X, n, active, gen, "auto")
+                elif m.startswith("lowrank:"):  # rank k, --lowrank-candidates per grown
+                    idx, _, inf = top_pairs(Z, X, n, active, gen, "lowrank", backend_options={
+                        "rank": int(m.split(":")[1]), "candidates": args.lowrank_candidates})
+                else:
+                    b, c = m.split(":")
+                    idx, _, inf = top_pairs(Z, X, n, active, gen, b,
+                                            backend_options={"candidates": float(c)})
+                return idx, inf
+
+            times, extra, out, info = _device.interleaved(methods, args.repeats, dev, run)
             step = layer_step_s(W, W, Z.shape[0], active)
             if with_exact:
                 best = float(pair_scores(Z, X, out["exact"]).sum())

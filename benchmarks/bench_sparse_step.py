@@ -84,7 +84,6 @@ def one(kind: str, width: int, density: float, optim: str, repeats: int, threads
         _device.free_memory(dev)
     base = torch.cuda.memory_allocated(dev) if cuda else rss_bytes()
     nnz = round(density * n * m)
-    param = None
     if kind == "sparse":
         active = sample_inactive(n * m, torch.empty(0, dtype=torch.long), nnz, gen)
         layer = sl.SparseLinear(m, n, active, generator=gen, device=dev)
