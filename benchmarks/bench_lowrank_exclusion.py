@@ -11,13 +11,15 @@ Signal: bench_sampled_grow's real-profile signal at width W (captured Fashion-MN
 columns drawn with replacement, scaled by exp(0.1·ε)). Active set, "crowded" (--crowd f): f of
 the nnz are the top pairs of |S_k| (rank 8) of the same columns rescaled by a fresh exp(0.3·ε')
 (a nearby signal: what an earlier update grew), the rest uniform at random; crowd 0 gives
-bench_sampled_grow's uniform set (default: both, 0.3 and 0). n = --fraction of nnz grown; rank: what `auto` picks on the
-signal. Both lowrank paths must return the same pairs (asserted). Times are medians over
---repeats, every method once per repeat, interleaved; "extra MiB" as in bench_sampled_grow.
+bench_sampled_grow's uniform set (default: both, 0.3 and 0). n = --fraction of nnz grown;
+rank: what `auto` picks on the signal. Both lowrank paths must return the same pairs (asserted).
+Times are medians over --repeats, every method once per repeat, interleaved; "extra MiB" as in
+bench_sampled_grow.
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
 import os
 import statistics
@@ -27,9 +29,8 @@ import torch
 
 from sparsegrow.search import exact_top_pairs, top_pairs
 from sparsegrow.search.exact import search_pool
-from sparsegrow.search.lowrank import rank_k_factors
-from sparsegrow.search.base import best_scored
-from sparsegrow.search.sampled import free_mask, score_at_rows
+from sparsegrow.search.lowrank import rank_k_factors, rescored_best
+from sparsegrow.search.sampled import free_mask
 from sparsegrow.search_grow import pair_scores
 from sparsegrow.topology import sample_inactive
 
@@ -71,14 +72,11 @@ def replaced_path(Z, X, n, excluded, rank, generator, metric="abs_ip"):
         searches = 2
     else:
         keys, approx = keys[free], approx[free]
-    if keys.numel() > n:  # ties at the n-th S_k value keep more than n: rescored exactly
+    if keys.numel() > n:  # keep those >= the n-th best of S_k (more than n by ties)
         top = approx >= torch.topk(approx, n, sorted=False).values.min()
-        keys = keys[top]
-    if keys.numel() != n:
-        scores = score_at_rows(Z.float().contiguous(), X.float().contiguous(), keys)
-        scores = scores.abs_() if metric == "abs_ip" else scores
-        keys = best_scored(keys, scores, n, excluded, numel, generator)[0]
-    return keys, searches
+        keys, approx = keys[top], approx[top]
+    Z, X = Z.float().contiguous(), X.float().contiguous()
+    return rescored_best(Z, X, keys, approx, n, excluded, generator, metric)[0], searches
 
 
 def main():
@@ -103,7 +101,7 @@ def main():
     print("\n".join(rows), flush=True)
     for W in args.sizes:
         Z, X = (t.to(dev) for t in real_profile(sig, W))
-        for d, crowd in ((d, c) for d in args.densities for c in args.crowd):
+        for d, crowd in itertools.product(args.densities, args.crowd):
             active = crowded_active(Z, X, int(d * W * W), crowd, 1, dev)
             n = int(round(args.fraction * active.numel()))
             rank = top_pairs(Z, X, n, active, torch.Generator().manual_seed(2), "auto")[2]["rank"]
@@ -128,7 +126,8 @@ def main():
                 vs_ex = f"{med['exact'] / med[m]:.1f}×" if "exact" in med else "-"
                 row = (f"| {W}² | {d} | {crowd} | {m}{' rank ' + str(rank) if m != 'exact' else ''}"
                        f" | {med[m]:.3f} | {med['replaced'] / med[m]:.2f}× | {vs_ex} | "
-                       f"{info[m].get('searches', 1)} | {info[m].get('excluded_checked', 1.0):.3f} | "
+                       f"{info[m].get('searches', 1)} | "
+                       f"{info[m].get('excluded_checked', 1.0):.3f} | "
                        f"{q} | {statistics.median(extra[m]):.0f} |")
                 rows.append(row)
                 print(row, flush=True)

@@ -117,6 +117,20 @@ def active_bound(A: torch.Tensor, B: torch.Tensor, excluded: torch.Tensor, metri
     return out.add_(margin)
 
 
+def rescored_best(Z: torch.Tensor, X: torch.Tensor, keys: torch.Tensor, approx: torch.Tensor,
+                  n: int, excluded: torch.Tensor, generator: torch.Generator, metric: str):
+    """The n best of the candidates keys (sorted flat indices of inactive pairs, S_k at them:
+    approx) -> (sorted idx (n,), scores (n,), random_filled). n candidates (one per grown pair,
+    no ties): the rank-k top n is the answer and its scores are S_k's (growth reads only idx);
+    otherwise the candidates are rescored exactly and the n best kept (`best_scored`)."""
+    if keys.numel() == n:
+        return keys, approx, 0
+    scores = score_at_rows(Z, X, keys)
+    if metric == "abs_ip":
+        scores = scores.abs_()
+    return best_scored(keys, scores, n, excluded, Z.shape[1] * X.shape[1], generator)
+
+
 @BACKENDS.register("lowrank", "exact search on the best rank-k approximation of dZᵀX, the "
                    "c·n best candidates rescored exactly")
 class LowRankIndex:
@@ -154,22 +168,13 @@ class LowRankIndex:
             pool, sinfo = search_pool(A, B, m, excluded, metric)
             keys, approx = pool.top(m)
             sinfo["bound_missed"] = True
-        if keys.numel() > m:  # the pool may hold more than m: keep the m best of S_k
-            top = approx >= torch.topk(approx, m, sorted=False).values.min()
-            keys, approx = keys[top], approx[top]
-            del top
-        rescored = keys.numel() != n
-        if rescored:
-            del approx
-            scores = score_at_rows(Z, X, keys)
-            if metric == "abs_ip":
-                scores = scores.abs_()
-            idx, val, filled = best_scored(keys, scores, n, excluded, numel, generator)
-        else:  # one candidate per grown pair (no ties): the rank-k top n is the answer, and its
-            idx, val, filled = keys, approx, 0  # scores are S_k's (growth reads only idx)
+        # pool.top(m) kept the pairs >= the m-th best of S_k: m of them, or more by ties
+        scored = keys.numel() if keys.numel() != n else 0  # 0: S_k's top n taken as it is
+        idx, val, filled = rescored_best(Z, X, keys, approx, n, excluded, generator, metric)
+        del keys, approx
         k = A.shape[0]
         info = {"rank": k, "energy": float(energy[min(k, energy.numel()) - 1]),
-                "candidates": self.candidates, "scored": keys.numel() if rescored else 0,
+                "candidates": self.candidates, "scored": scored,
                 "pairs_computed": sinfo["pairs_computed"], "random_filled": filled,
                 "excluded_checked": sinfo["excluded_checked"],
                 "bound_missed": sinfo.get("bound_missed", False)}

@@ -183,8 +183,8 @@ def score_at(Zt: torch.Tensor, Xt: torch.Tensor, keys: torch.Tensor) -> torch.Te
     """S_ji = <Zt[j], Xt[i]> at the sorted flat keys j·M + i: (len(keys),), via one SDDMM."""
     N, M = Zt.shape[0], Xt.shape[0]
     ptr = torch.searchsorted(keys, torch.arange(N + 1, device=keys.device) * M)
-    # the column of each key by one remainder: 2x faster than subtracting its row's start
-    # (repeat_interleave over the nnz, then a multiply and a subtract; 4.3 M keys: 27 vs ~70 ms)
+    # each key's column by one remainder, not by subtracting its row's start (a repeat_interleave
+    # over the keys, a multiply, a subtract): lowrank's active_bound at 4.3 M keys 0.10 -> 0.07 s
     return sddmm(ptr, torch.remainder(keys, M), Zt, Xt)
 
 
