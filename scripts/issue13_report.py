@@ -71,7 +71,9 @@ def cost_row(row: str, run: dict) -> list[str]:
     conns = connections(run)
     bpc = f"{rss * 2**30 / conns:.1f}" if rss and conns else "-"
     return [row, str(seed), f"{n_ep}" + ("" if s else " (running)"), str(last["step"]), str(n_up),
-            f"{per_epoch:.1f}", f"{up_s:.1f}", f"{rss:.2f}" if rss else "-",
+            f"{per_epoch:.1f}", f"{up_s:.1f}",
+            # partial: resumed from a checkpoint that did not carry the earlier processes' peaks
+            (f"{rss:.2f}" + (" (last process only)" if s.get("peaks_partial") else "")) if rss else "-",
             f"{conns / 1e6:.2f} M" if conns else "-", bpc, f"{100 * last['test_acc']:.2f}"]
 
 

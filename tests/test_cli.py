@@ -83,6 +83,74 @@ def test_resume_after_crash_gives_same_masks_and_accuracy(method, tmp_path, monk
     assert_same_run(tmp_path / "full", tmp_path / "crash", full, resumed)
 
 
+@needs_fmnist
+@pytest.mark.parametrize("recorded", ["peaks", "none"])
+def test_resumed_run_reports_the_whole_runs_memory_peak(recorded, tmp_path, monkeypatch):
+    """A run trained by two processes reports the higher of their peaks, not the last one's; a
+    checkpoint that recorded no peaks (written before they were carried) marks them partial."""
+    args = ["model.name=mlp", "model.kwargs={hidden: [32]}", "train.epochs=3", "data.train_subset=300",
+            "train.batch_size=50", "sparsity.update_every=4", "sparsity.method=set", "sparsity.density=0.1",
+            "train.threads=1"]
+    cfg, run_dir = load_config(None, args), tmp_path / "r"
+    big = 10.0 ** 7  # MiB: more than this process ever held; stands for an earlier process's peak
+    real_save = loop.atomic_torch_save
+
+    def as_if_an_earlier_process_peaked(obj, path):  # edits the checkpoint before it is written
+        if recorded == "none":
+            del obj["peaks"]
+        else:
+            assert obj["peaks"]["peak_rss_mib"] > 0 and obj["peaks"]["peaks_partial"] is False
+            obj["peaks"] = {**obj["peaks"], "peak_rss_mib": big}
+        real_save(obj, path)
+
+    monkeypatch.setattr(loop, "atomic_torch_save", as_if_an_earlier_process_peaked)
+    real_evaluate, calls = loop.evaluate, {"n": 0}
+
+    def crash_in_epoch_2(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real_evaluate(*a, **k)
+
+    monkeypatch.setattr(loop, "evaluate", crash_in_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        loop.train(cfg, run_dir, progress=False)
+    monkeypatch.setattr(loop, "evaluate", real_evaluate)
+    monkeypatch.setattr(loop, "atomic_torch_save", real_save)  # the resumed process writes as is
+    summary = loop.train(cfg, run_dir, resume=True, progress=False)
+    ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=False)
+    if recorded == "none":
+        assert summary["peaks_partial"] is True and ckpt["peaks"]["peaks_partial"] is True
+        assert 0 < summary["peak_rss_mib"] < big
+    else:
+        assert summary["peaks_partial"] is False
+        assert summary["peak_rss_mib"] == big and ckpt["peaks"]["peak_rss_mib"] == big
+    assert summary["peak_gpu_mib"] is None  # CPU
+
+
+@needs_fmnist
+def test_each_run_in_one_process_reports_its_own_memory_peak(tmp_path, monkeypatch):
+    """`sweep --jobs 1` trains its runs in one process: a run's peak excludes an earlier run's."""
+    args = ["model.name=mlp", "model.kwargs={hidden: [32]}", "train.epochs=1", "data.train_subset=200",
+            "train.batch_size=50", "sparsity.update_every=2", "sparsity.method=set",
+            "sparsity.density=0.1", "train.threads=1"]
+    cfg = load_config(None, args)
+    real_evaluate = loop.evaluate
+
+    def evaluate_holding_1_gib(*a, **k):
+        block = bytearray(2**30)
+        block[::4096] = b"x" * len(block[::4096])  # touch every page: resident
+        del block
+        return real_evaluate(*a, **k)
+
+    monkeypatch.setattr(loop, "evaluate", evaluate_holding_1_gib)
+    first = loop.train(cfg, tmp_path / "a", progress=False)
+    monkeypatch.setattr(loop, "evaluate", real_evaluate)
+    second = loop.train(cfg, tmp_path / "b", progress=False)
+    assert first["peak_rss_scope"] == second["peak_rss_scope"] == "run"  # Linux: /proc/self/clear_refs
+    assert second["peak_rss_mib"] < first["peak_rss_mib"] - 500  # run b alone: ~600 MiB, a: ~1.4 GiB
+
+
 def read_log(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 

@@ -30,6 +30,7 @@ import inspect
 import os
 import platform
 import resource
+import sys
 import time
 from pathlib import Path
 
@@ -90,6 +91,55 @@ def memory_now(device: torch.device) -> dict[str, str]:
 
 
 EVAL_ACTIVATION_BYTES = 512 << 20  # per Linear output tensor during evaluation
+
+
+def reset_peaks(device: torch.device) -> bool:
+    """Start this run's memory peaks at the memory in use now, so that a run's peak is its own
+    when one process trains several runs (`sparsegrow sweep --jobs 1`). The resident set's mark
+    is Linux's VmHWM, reset through /proc/self/clear_refs; returns False where that fails (the
+    peak is then the process's, which may include an earlier run's)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # 5: reset the peak resident set size to the current one
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss_mib() -> float:
+    """VmHWM where /proc has it (reset by reset_peaks), else getrusage's process-long peak."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return maxrss / 2**20 if sys.platform == "darwin" else maxrss / 1024  # macOS: bytes; else KiB
+
+
+def run_peaks(carried: dict, device: torch.device, reset: bool) -> dict:
+    """The run's memory peaks in MiB: this process's since reset_peaks, or a process's before it
+    that trained the run to a checkpoint (carried: what that checkpoint recorded), whichever is
+    higher. A resumed run's summary so states the whole run's peak, not its last piece's.
+    carried: a checkpoint's "peaks" (this function's result), any key absent; {} for a fresh run.
+    reset: what reset_peaks returned.
+    peak_rss_mib: the resident set's high-water mark;
+    peak_gpu_mib: allocated CUDA memory (tensors, not the allocator's cache), None off CUDA."""
+    rss = _peak_rss_mib()
+    gpu = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+    old_rss, old_gpu = carried.get("peak_rss_mib"), carried.get("peak_gpu_mib")
+    return {"peak_rss_mib": max(rss, old_rss or 0.0),
+            "peak_gpu_mib": gpu if old_gpu is None else max(gpu or 0.0, old_gpu),
+            # True: a checkpoint this run resumed from did not record its processes' peaks, so
+            # the peaks above may understate the run's
+            "peaks_partial": bool(carried.get("peaks_partial", False)),
+            # "process": the peak could not be reset at the run's start, so it may hold an
+            # earlier run's trained in the same process
+            "peak_rss_scope": "run" if reset and carried.get("peak_rss_scope", "run") == "run" else "process"}
 
 
 def eval_batch_size(model: torch.nn.Module, batch_size: int) -> int:
@@ -246,6 +296,7 @@ def _train(cfg: Config, run_dir: Path, resume: bool, progress: bool, device: tor
     """The run itself; every rank runs it, rank 0 alone writes files (`world.main`)."""
     t = cfg.train
     ckpt_path = run_dir / "checkpoint.pt"
+    peaks_reset = reset_peaks(device)
     if world.distributed:
         if device.type == "cuda":
             device = torch.device("cuda", world.local_rank)
@@ -283,6 +334,7 @@ def _train(cfg: Config, run_dir: Path, resume: bool, progress: bool, device: tor
     sums = (0.0, 0, 0)  # (train loss sum, correct, seen) of the epoch in progress
     test_loss = test_acc = float("nan")
     epochs_changes: list[dict] = []  # {"step", "from", "to"} per change of train.epochs
+    carried_peaks: dict = {}  # memory peaks of the processes that trained this run before
     if resume:
         ckpt = load_checkpoint(ckpt_path, device)
         model.load_state_dict(ckpt["model"])
@@ -308,6 +360,8 @@ def _train(cfg: Config, run_dir: Path, resume: bool, progress: bool, device: tor
             sums = tuple(ckpt.get("epoch_sums", sums))
         test_loss, test_acc = ckpt.get("test_loss", test_loss), ckpt.get("test_acc", test_acc)
         epochs_changes = list(ckpt.get("epochs_changes", []))
+        # older checkpoints lack the peaks: the summary then says its peaks are this process's
+        carried_peaks = ckpt.get("peaks", {"peaks_partial": True})
         if planned != t.epochs:
             epochs_changes.append({"step": step, "from": planned, "to": t.epochs})
     log = MetricsLog(run_dir / "metrics.jsonl", truncate_to=log_len) if world.main else None
@@ -330,6 +384,7 @@ def _train(cfg: Config, run_dir: Path, resume: bool, progress: bool, device: tor
             "train_time_s": train_time_s, "phases": dict(phases), "log_len": log.commit(),
             "test_loss": test_loss, "test_acc": test_acc,  # of the last evaluated epoch
             "epochs": t.epochs, "epochs_changes": epochs_changes, "world_size": world.size,
+            "peaks": run_peaks(carried_peaks, device, peaks_reset),
         }, ckpt_path)
 
     try:
@@ -422,9 +477,7 @@ def _train(cfg: Config, run_dir: Path, resume: bool, progress: bool, device: tor
         "test_acc": test_acc, "test_loss": test_loss, "train_time_s": train_time,
         "update_time_s": rep["update_time_s"], "n_updates": rep["n_updates"],
         "phases_s": phase_totals, "lr_scales": lr_scales,
-        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # Linux: KiB
-        # the process's peak of allocated CUDA memory (tensors, not the allocator's cache)
-        "peak_gpu_mib": (torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None),
+        **run_peaks(carried_peaks, device, peaks_reset),
         "machine": f"{platform.node()} {platform.machine()} "
         f"threads={torch.get_num_threads()} torch={torch.__version__}", "device": str(device),
     }
