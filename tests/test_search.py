@@ -77,6 +77,38 @@ def test_seeded_threshold_holds_on_heavy_tailed_norms():
         assert info["passes"] == 1 and pool.size >= n, (seed, info)
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_few_pairs_grown_start_from_the_heavy_corner_in_one_pass(seed):
+    """Growing so few pairs that no sample estimates a threshold (late updates at 10⁶² grow ~10⁴
+    of 10¹²) once started from the floor and checked every active pair. The start is now the n-th
+    best inactive |S| of the heaviest rows and columns: never above the true n-th best (one pass),
+    far above the floor, with the active pairs that crowd the top of S excluded from it (had
+    they counted, the start would exceed the true n-th best and the pass fall short)."""
+    from sparsegrow.search.exact import _seed_thresholds, score_floor, search_pool
+    from sparsegrow.search.lowrank import active_bound
+
+    n, N = 30, 4096
+    g = torch.Generator().manual_seed(seed)
+    Z, X = (torch.randn(4, N, generator=g) * torch.exp(1.5 * torch.randn(N, generator=g))
+            for _ in range(2))
+    S = (Z.t() @ X).abs().reshape(-1)
+    crowd = torch.topk(S, 3000).indices  # the top of S is active, as training leaves it
+    excluded = torch.sort(torch.cat([crowd, random_excluded(S.numel(), 0.01, seed)])).values.unique()
+    free = S.clone()
+    free[excluded] = -math.inf
+    true_nth = float(torch.topk(free, n).values.min())
+
+    floor = score_floor("abs_ip")
+    starts = _seed_thresholds(Z, X, Z.norm(dim=0), X.norm(dim=0), n, excluded, "abs_ip", floor)
+    assert len(starts) == 2 and starts[-1] == floor
+    assert 0.5 * true_nth < starts[0] <= true_nth  # near, never above
+    bound = active_bound(Z, X, excluded, "abs_ip")
+    pool, info = search_pool(Z, X, n, excluded, "abs_ip", excluded_bound=bound)
+    assert info["passes"] == 1 and info["excluded_checked"] < 0.5, info
+    idx, _, _ = exact_top_pairs(Z, X, n, excluded, torch.Generator().manual_seed(1))
+    assert torch.equal(idx, dense_top(S.reshape(N, N), excluded, n, 1))
+
+
 def test_pass_that_falls_short_restarts_from_the_second_estimate(monkeypatch):
     """A first threshold aimed too high (5x fewer survivors than needed): the second pass starts
     from the estimate aimed at _RETRY * n, not from the floor (which computes 0.26 of the pairs

@@ -75,6 +75,13 @@ def _seed_thresholds(Z, X, zn, xn, n, excluded, metric, floor,
     # 1 GB more memory), at most 4096² and 1/16 of S.
     want = _SAMPLE if p <= 0 else min(max(_SAMPLE, math.ceil(math.sqrt(200 / p))), _SAMPLE_MAX)
     side = max(1, int(math.sqrt(min(want * want, N * M // 16))))
+    if metric == "abs_ip" and _RETRY * n / max(free, 1) * min(side, N) * min(side, M) < 20:
+        # so few pairs grown that no sample this size holds 20 above either aim (at 10⁶², late
+        # updates grow ~10⁴): start from the heavy corner's bound instead of the floor. abs_ip
+        # only: heavy rows and columns hold the top |⟨z, x⟩|, not the top signed one (with ip a
+        # low corner start switched off the norm-bound pruning that the floor start keeps on)
+        tau = _corner_threshold(Z, X, zn, xn, n, excluded, side)
+        return ([tau] if tau is not None and tau > floor else []) + [floor]
     rows, cols = _norm_spread(zn, min(side, N), g), _norm_spread(xn, min(side, M), g)
     s = _scores(Z[:, rows].t() @ X[:, cols], metric, Z[:, rows], X[:, cols]).reshape(-1)
     act = None  # a sample of the active pairs' scores and its scale to all of them
@@ -100,6 +107,46 @@ def _seed_thresholds(Z, X, zn, xn, n, excluded, metric, floor,
         if tau > floor and (not out or tau < out[-1]):
             out.append(tau)
     return out + [floor]
+
+
+def _corner_threshold(Z, X, zn, xn, n: int, excluded: torch.Tensor, side: int) -> float | None:
+    """A start threshold (metric abs_ip) that one pass cannot fall short of: the n-th best |S| among the
+    inactive pairs of the heavy corner (the `side` rows and columns of largest norm), less the
+    two GEMMs' rounding. Those are pairs of S too, so at least n inactive pairs of S reach it.
+    The top pairs sit on the heaviest rows and columns, so it is close to the n-th best of all S:
+    at 10⁶², ε = 20, rank 4, n = 12,000 the whole lowrank grow took 3.38 s instead of 5.41 s from
+    the floor, its pool checking 0.2% of the 40 M active pairs instead of all of them
+    (benchmarks/results/bench_lowrank_small_n.md).
+    None: the corner holds fewer than n inactive pairs. Cost: a side² GEMM and top-n, plus the
+    active pairs on the corner's rows (a gather; no pass over all of `excluded`)."""
+    M = X.shape[1]
+    dev = Z.device
+    rows = torch.topk(zn, min(side, zn.numel())).indices.sort().values  # (r,)
+    cols = torch.topk(xn, min(side, M)).indices.sort().values  # (c,)
+    s = (Z[:, rows].t() @ X[:, cols]).abs_()  # (r, c)
+    n_active = 0
+    if excluded.numel():  # the corner's active pairs: its rows' runs of `excluded`, its columns
+        lo = torch.searchsorted(excluded, rows * M)
+        counts = torch.searchsorted(excluded, (rows + 1) * M) - lo  # (r,) active pairs per row
+        total = int(counts.sum())
+        if total:
+            first = torch.cumsum(counts, 0) - counts  # where each row's run starts in the gather
+            pos = torch.repeat_interleave(lo - first, counts) + torch.arange(total, device=dev)
+            row_of = torch.repeat_interleave(torch.arange(rows.numel(), device=dev), counts)
+            col_at = torch.full((M,), -1, dtype=torch.long, device=dev)  # column -> corner column
+            col_at[cols] = torch.arange(cols.numel(), device=dev)
+            c = col_at[excluded[pos] % M]
+            inside = c >= 0
+            n_active = int(inside.sum())
+            s[row_of[inside], c[inside]] = -math.inf
+    if s.numel() - n_active < n:
+        return None
+    kth = float(torch.topk(s.reshape(-1), n, sorted=False).values.min())
+    # this GEMM and the search's blocked one each err by <= R u ‖z‖‖x‖ on an inner product;
+    # u: TF32's where CUDA GEMMs may use it
+    tf32 = dev.type == "cuda" and torch.backends.cuda.matmul.allow_tf32
+    u = 2.0 ** (-11 if tf32 else -24)
+    return kth - 2 * Z.shape[0] * u * float(zn[rows].max()) * float(xn[cols].max())
 
 
 def _norm_spread(norms: torch.Tensor, k: int, g: torch.Generator) -> torch.Tensor:
