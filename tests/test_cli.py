@@ -95,29 +95,17 @@ def test_resumed_run_reports_the_whole_runs_memory_peak(recorded, tmp_path, monk
     big = 10.0 ** 7  # MiB: more than this process ever held; stands for an earlier process's peak
     real_save = loop.atomic_torch_save
 
-    def as_if_an_earlier_process_peaked(obj, path):  # edits the checkpoint before it is written
-        if recorded == "none":
-            del obj["peaks"]
-        else:
-            assert obj["peaks"]["peak_rss_mib"] > 0 and obj["peaks"]["peaks_partial"] is False
-            obj["peaks"] = {**obj["peaks"], "peak_rss_mib": big}
+    def as_if_an_earlier_process_peaked(obj, path):  # edits epoch 1's checkpoint, the first
+        if obj["epoch"] == 1:                          # process's last (it crashes in epoch 2)
+            if recorded == "none":
+                del obj["peaks"]
+            else:
+                assert obj["peaks"]["peak_rss_mib"] > 0 and obj["peaks"]["peaks_partial"] is False
+                obj["peaks"] = {**obj["peaks"], "peak_rss_mib": big}
         real_save(obj, path)
 
     monkeypatch.setattr(loop, "atomic_torch_save", as_if_an_earlier_process_peaked)
-    real_evaluate, calls = loop.evaluate, {"n": 0}
-
-    def crash_in_epoch_2(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return real_evaluate(*a, **k)
-
-    monkeypatch.setattr(loop, "evaluate", crash_in_epoch_2)
-    with pytest.raises(KeyboardInterrupt):
-        loop.train(cfg, run_dir, progress=False)
-    monkeypatch.setattr(loop, "evaluate", real_evaluate)
-    monkeypatch.setattr(loop, "atomic_torch_save", real_save)  # the resumed process writes as is
-    summary = loop.train(cfg, run_dir, resume=True, progress=False)
+    summary = crash_in_epoch_2_then_resume(cfg, run_dir, monkeypatch)
     ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=False)
     if recorded == "none":
         assert summary["peaks_partial"] is True and ckpt["peaks"]["peaks_partial"] is True
