@@ -75,7 +75,8 @@ def main():
         for k in runs[0][0]:
             rows.append(f"| {args.size}² | {active.numel()} | {n} | {k} | "
                         f"{statistics.median(r[0][k] for r in runs):.3f} |")
-        rows.append(f"| {args.size}² | {active.numel()} | {n} | **grow (all but seed alone)** | {total:.3f} |")
+        rows.append(f"| {args.size}² | {active.numel()} | {n} | **grow (all but seed alone)** | "
+                    f"{total:.3f} |")
         rows.append(f"| {args.size}² | {active.numel()} | {n} | active pairs checked | "
                     f"{runs[0][1]['excluded_checked']:.4f} |")
     print("\n".join(rows))

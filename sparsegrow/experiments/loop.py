@@ -139,7 +139,8 @@ def run_peaks(carried: dict, device: torch.device, reset: bool) -> dict:
             "peaks_partial": bool(carried.get("peaks_partial", False)),
             # "process": the peak could not be reset at the run's start, so it may hold an
             # earlier run's trained in the same process
-            "peak_rss_scope": "run" if reset and carried.get("peak_rss_scope", "run") == "run" else "process"}
+            "peak_rss_scope": ("run" if reset and carried.get("peak_rss_scope", "run") == "run"
+                               else "process")}
 
 
 def eval_batch_size(model: torch.nn.Module, batch_size: int) -> int:
