@@ -297,13 +297,13 @@ def _train(cfg: Config, run_dir: Path, resume: bool, progress: bool, device: tor
     """The run itself; every rank runs it, rank 0 alone writes files (`world.main`)."""
     t = cfg.train
     ckpt_path = run_dir / "checkpoint.pt"
-    peaks_reset = reset_peaks(device)
     if world.distributed:
         if device.type == "cuda":
             device = torch.device("cuda", world.local_rank)
         if t.batch_size % world.size:
             raise ConfigError(f"train.batch_size={t.batch_size} is the global batch; it must split "
                               f"evenly over {world.size} processes")
+    peaks_reset = reset_peaks(device)  # this rank's device, the one run_peaks reads
     dtype = DTYPES[t.dtype]
     torch.manual_seed(cfg.seed)
     data = load_dataset(cfg.data.dataset, root=cfg.data.root, pad_to=cfg.data.pad_to,
